@@ -1,0 +1,359 @@
+// The authority core: decides and signs. Front-ends (CLI, HTTP API, later EST) call this; it is the
+// only code that signs certificates and the only code that writes certificates and CAs to the store.
+
+import { join } from 'node:path';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { verify as cryptoVerify } from 'node:crypto';
+import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
+import { HallmarkError } from '../errors.js';
+import { FileKeyBackend } from '../keys/file-backend.js';
+import type { KeyBackend, KeyRef } from '../keys/key-backend.js';
+import { openCaBackend } from '../keys/open-backend.js';
+import { parseKeyAlgorithm, publicKeyFromSpki, SCHEME_BY_OID, signingSchemeFor, type KeyAlgorithm } from '../pki/algorithms.js';
+import { parseCertificate, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
+import { createCsrWith, parseCsr, verifyCsr } from '../pki/csr.js';
+import { keyIdentifier, decodeBasicConstraints, EXT, type AltNames } from '../pki/extensions.js';
+import { encodeNameString, nameToString } from '../pki/names.js';
+import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
+import { CertificateRecorder } from '../store/certificate-recorder.js';
+import { Store, nowIso } from '../store/database.js';
+import type { CaRow, CaStatus } from '../store/schema.js';
+import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
+import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
+import { profileByName } from './profiles.js';
+import type { Signer } from '../keys/key-backend.js';
+
+export interface CaInfo {
+  readonly name: string;
+  readonly role: 'root' | 'intermediate';
+  readonly status: CaStatus | 'expired';
+  readonly parent: string | null;
+  readonly subject: string;
+  readonly keyId: string;
+  readonly keyAlgorithm: string;
+  readonly keyLocation: string;
+  readonly serial: string | null;
+  readonly notBefore: string | null;
+  readonly notAfter: string | null;
+  readonly pathLen: number | null;
+  readonly isDefaultIssuer: boolean;
+}
+
+export interface IssueRequest {
+  /** PEM, base64 or DER PKCS#10. */
+  readonly csr: string | Buffer;
+  readonly profile?: string;
+  /** Issuing CA name; the configured default issuer otherwise. */
+  readonly ca?: string;
+  /**
+   * Subject DN decided by the caller's authority (the operator here; the registry for devices).
+   * When absent on the operator path the CSR's subject is used as the operator approved it.
+   */
+  readonly subject?: string;
+  readonly altNames?: AltNames;
+  readonly validityDays?: number;
+  /** Who asks: recorded in the audit log and on the certificate record. */
+  readonly actor: string;
+}
+
+export interface IssuedCertificate {
+  readonly serial: string;
+  readonly issuer: string;
+  readonly profile: string;
+  readonly subject: string;
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+  readonly fingerprintSha256: string;
+  readonly der: Buffer;
+  /** Issuing chain, issuer first, root last (DER). */
+  readonly chain: readonly Buffer[];
+}
+
+interface LoadedIssuer extends SigningCa {
+  readonly row: CaRow;
+  readonly chain: readonly Buffer[];
+}
+
+function caStatus(row: CaRow, now = new Date()): CaInfo['status'] {
+  if (row.status === 'active' && row.not_after && new Date(row.not_after) <= now) return 'expired';
+  return row.status;
+}
+
+function describeKeyRef(ref: string | null): string {
+  if (!ref) return 'offline (root directory)';
+  const k = JSON.parse(ref) as KeyRef;
+  return k.backend === 'pkcs11' ? k.id : `file:${k.id}`;
+}
+
+export class Authority {
+  readonly store: Store;
+  readonly home: string;
+  readonly config: HomeConfig;
+  readonly fileKeys: FileKeyBackend;
+  readonly caKeys: KeyBackend;
+  readonly #recorder: CertificateRecorder;
+  readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
+
+  private constructor(home: string, config: HomeConfig, store: Store, fileKeys: FileKeyBackend, caKeys: KeyBackend) {
+    this.home = home;
+    this.config = config;
+    this.store = store;
+    this.fileKeys = fileKeys;
+    this.caKeys = caKeys;
+    this.#recorder = new CertificateRecorder(store);
+  }
+
+  /** Opens an initialised home. Needs the passphrase (the key store is encrypted). */
+  static async open(home: string, passphrase: string, store?: Store): Promise<Authority> {
+    const config = await loadHomeConfig(home);
+    const fileKeys = await FileKeyBackend.open(join(home, HOME_FILES.keys), passphrase);
+    const caKeys = await openCaBackend(config, fileKeys, passphrase);
+    const db = store ?? (await Store.open({ url: databaseUrl(home) }));
+    return new Authority(home, config, db, fileKeys, caKeys);
+  }
+
+  /** Builds an Authority over already-open parts (used by init). */
+  static fromParts(home: string, config: HomeConfig, store: Store, fileKeys: FileKeyBackend, caKeys: KeyBackend): Authority {
+    return new Authority(home, config, store, fileKeys, caKeys);
+  }
+
+  async close(): Promise<void> {
+    if (this.caKeys !== this.fileKeys) await this.caKeys.close();
+    await this.fileKeys.close();
+    await this.store.close();
+  }
+
+  // ------------------------------------------------------------ reading the hierarchy
+
+  async listCas(): Promise<CaInfo[]> {
+    const rows = await this.store.db.selectFrom('certificate_authorities').selectAll().orderBy('id').execute();
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return rows.map((r) => ({
+      name: r.name,
+      role: r.role,
+      status: caStatus(r),
+      parent: r.parent_id === null ? null : byId.get(r.parent_id)?.name ?? null,
+      subject: r.subject,
+      keyId: r.ski,
+      keyAlgorithm: r.key_algorithm,
+      keyLocation: describeKeyRef(r.key_ref),
+      serial: r.serial,
+      notBefore: r.not_before,
+      notAfter: r.not_after,
+      pathLen: r.path_len,
+      isDefaultIssuer: r.name === this.config.defaultIssuer,
+    }));
+  }
+
+  async #caRow(name: string): Promise<CaRow> {
+    const row = await this.store.db.selectFrom('certificate_authorities').selectAll().where('name', '=', name).executeTakeFirst();
+    if (!row) throw new HallmarkError('CA_NOT_FOUND', `no CA named ${JSON.stringify(name)}`);
+    return row;
+  }
+
+  /** The certificate of CA `name` and, with `chain`, its issuers up to the root (DER, leaf first). */
+  async caChain(name: string, chain = true): Promise<Buffer[]> {
+    const out: Buffer[] = [];
+    let row: CaRow | undefined = await this.#caRow(name);
+    while (row) {
+      if (!row.certificate_der) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} has no certificate yet (pending installation)`);
+      out.push(Buffer.from(row.certificate_der));
+      if (!chain || row.parent_id === null) break;
+      row = await this.store.db.selectFrom('certificate_authorities').selectAll().where('id', '=', row.parent_id).executeTakeFirst();
+    }
+    return out;
+  }
+
+  async rootName(): Promise<string> {
+    const row = await this.store.db.selectFrom('certificate_authorities').select('name').where('role', '=', 'root').where('status', '=', 'active').orderBy('id', 'desc').executeTakeFirst();
+    if (!row) throw new HallmarkError('CA_NOT_FOUND', 'no active root CA');
+    return row.name;
+  }
+
+  async #issuer(name: string): Promise<LoadedIssuer> {
+    let p = this.#issuers.get(name);
+    if (!p) {
+      p = (async () => {
+        const row = await this.#caRow(name);
+        if (row.role === 'root' || !row.key_ref) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${name} is the offline root: it signs only through the root ceremony`);
+        if (row.status !== 'active' || !row.certificate_der) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${name} is ${row.status}`);
+        const cert = parseCertificate(Buffer.from(row.certificate_der));
+        const signer = await this.caKeys.signer(JSON.parse(row.key_ref) as KeyRef);
+        if (!signer.publicKeySpki.equals(cert.subjectPublicKeyInfo)) throw new HallmarkError('KEY_BACKEND_FAILED', `the key of CA ${name} does not match its certificate`);
+        const chain = await this.caChain(name);
+        return { ...signingCa(cert.subject, Buffer.from(row.ski, 'hex'), signer, cert.notAfter), row, chain };
+      })();
+      this.#issuers.set(name, p);
+      p.catch(() => this.#issuers.delete(name));
+    }
+    return p;
+  }
+
+  // ------------------------------------------------------------ issuance
+
+  /** Issues one certificate from a CSR under a profile. Durably recorded (with its audit entry) before it is returned. */
+  async issue(request: IssueRequest): Promise<IssuedCertificate> {
+    const profile = profileByName(request.profile ?? 'device');
+    if (profile.ca) throw new HallmarkError('PROFILE_VIOLATION', `profile ${profile.name} is issued only through the root ceremony (hallmark ca request / root sign)`);
+    const csr = parseCsr(typeof request.csr === 'string' || !(request.csr[0] === 0x30) ? decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr) : request.csr);
+    const issuerName = request.ca ?? this.config.defaultIssuer;
+    const [issuer, key] = await Promise.all([this.#issuer(issuerName), verifyCsr(csr)]);
+    const subject = request.subject !== undefined ? encodeNameString(request.subject) : csr.subject;
+    if (subject.length <= 2 && profile.name !== 'tls-server') throw new HallmarkError('PROFILE_VIOLATION', 'the certificate subject is empty (give --subject)');
+    for (let attempt = 0; ; attempt++) {
+      const signed = await signCertificate(issuer, {
+        profile,
+        subject,
+        subjectPublicKeyInfo: csr.subjectPublicKeyInfo,
+        subjectKeyKind: subjectKeyKindOf(key),
+        validityDays: request.validityDays,
+        altNames: request.altNames,
+      });
+      const subjectText = nameToString(subject);
+      const fingerprint = sha256Fingerprint(signed.der);
+      try {
+        await this.#recorder.record(
+          {
+            issuer_id: issuer.row.id,
+            serial: signed.serialHex,
+            profile: profile.name,
+            subject: subjectText,
+            fingerprint_sha256: fingerprint,
+            not_before: nowIso(signed.parsed.notBefore),
+            not_after: nowIso(signed.parsed.notAfter),
+            der: signed.der,
+            status: 'valid',
+            revoked_at: null,
+            revocation_reason: null,
+            requested_by: request.actor,
+            created_at: nowIso(),
+          },
+          { actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { issuer: issuerName, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, notAfter: nowIso(signed.parsed.notAfter) } },
+        );
+      } catch (err) {
+        if (err instanceof HallmarkError && err.code === 'SERIAL_COLLISION' && attempt < 3) continue;
+        throw err;
+      }
+      return {
+        serial: signed.serialHex,
+        issuer: issuerName,
+        profile: profile.name,
+        subject: subjectText,
+        notBefore: signed.parsed.notBefore,
+        notAfter: signed.parsed.notAfter,
+        fingerprintSha256: fingerprint,
+        der: signed.der,
+        chain: issuer.chain,
+      };
+    }
+  }
+
+  /** Issues a certificate for a key this authority holds itself (OCSP signer, TLS server). */
+  async issueForOwnKey(options: { signer: Signer; profile: 'ocsp-signer' | 'tls-server'; subject: string; altNames?: AltNames; ca?: string; actor: string }): Promise<IssuedCertificate> {
+    const issuerName = options.ca ?? this.config.defaultIssuer;
+    const issuer = await this.#issuer(issuerName);
+    const profile = profileByName(options.profile);
+    const key = publicKeyFromSpki(options.signer.publicKeySpki);
+    const subject = encodeNameString(options.subject);
+    const signed = await signCertificate(issuer, { profile, subject, subjectPublicKeyInfo: options.signer.publicKeySpki, subjectKeyKind: subjectKeyKindOf(key), altNames: options.altNames });
+    const subjectText = nameToString(subject);
+    const fingerprint = sha256Fingerprint(signed.der);
+    await this.#recorder.record(
+      { issuer_id: issuer.row.id, serial: signed.serialHex, profile: profile.name, subject: subjectText, fingerprint_sha256: fingerprint, not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid', revoked_at: null, revocation_reason: null, requested_by: options.actor, created_at: nowIso() },
+      { actor: options.actor, action: 'certificate.issue', target: signed.serialHex, details: { issuer: issuerName, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint } },
+    );
+    return { serial: signed.serialHex, issuer: issuerName, profile: profile.name, subject: subjectText, notBefore: signed.parsed.notBefore, notAfter: signed.parsed.notAfter, fingerprintSha256: fingerprint, der: signed.der, chain: issuer.chain };
+  }
+
+  async findCertificate(serial: string): Promise<{ serial: string; issuer: string; profile: string; subject: string; status: string; notBefore: string; notAfter: string; fingerprintSha256: string; der: Buffer }[]> {
+    const rows = await this.store.db.selectFrom('certificates').innerJoin('certificate_authorities as ca', 'ca.id', 'certificates.issuer_id')
+      .select(['certificates.serial', 'ca.name as issuer', 'certificates.profile', 'certificates.subject', 'certificates.status', 'certificates.not_before', 'certificates.not_after', 'certificates.fingerprint_sha256', 'certificates.der'])
+      .where('certificates.serial', '=', serial).execute();
+    return rows.map((r) => ({ serial: r.serial, issuer: r.issuer, profile: r.profile, subject: r.subject, status: r.status, notBefore: r.not_before, notAfter: r.not_after, fingerprintSha256: r.fingerprint_sha256, der: Buffer.from(r.der) }));
+  }
+
+  // ------------------------------------------------------------ offline ceremony, online side
+
+  /** Generates a key for a new intermediate CA in the configured backend and returns its CSR. */
+  async requestCa(options: { name: string; algorithm?: KeyAlgorithm | string; subject?: string; actor: string }): Promise<{ csrPem: string; path: string }> {
+    if (!/^[a-z0-9][a-z0-9._-]{0,62}$/i.test(options.name)) throw new HallmarkError('BAD_REQUEST', 'CA names are 1-63 letters, digits, dot, dash or underscore');
+    const existing = await this.store.db.selectFrom('certificate_authorities').select('id').where('name', '=', options.name).executeTakeFirst();
+    if (existing) throw new HallmarkError('CA_EXISTS', `a CA named ${options.name} already exists`);
+    const algorithm = parseKeyAlgorithm(options.algorithm ?? 'ecdsa-p256');
+    const subjectText = options.subject ?? `CN=${this.config.org} ${options.name},O=${this.config.org}`;
+    const subject = encodeNameString(subjectText);
+    const ref = await this.caKeys.generateKey(`hallmark-ca-${options.name}`, algorithm);
+    const signer = await this.caKeys.signer(ref);
+    const csrDer = await csrFromSigner(subject, signer);
+    const now = nowIso();
+    await this.store.writeTransaction(async (trx) => {
+      await trx.insertInto('certificate_authorities').values({
+        name: options.name, role: 'intermediate', parent_id: null, status: 'pending', subject: nameToString(subject), key_ref: JSON.stringify(ref),
+        key_algorithm: algorithm, ski: keyIdentifier(signer.publicKeySpki).toString('hex'), path_len: null, certificate_der: null, csr_der: csrDer,
+        serial: null, not_before: null, not_after: null, created_at: now, updated_at: now,
+      }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'ca.request', target: options.name, details: { subject: nameToString(subject), keyAlgorithm: algorithm, keyLocation: describeKeyRef(JSON.stringify(ref)) } }]);
+    });
+    const dir = join(this.home, HOME_FILES.requests);
+    await mkdir(dir, { recursive: true });
+    const path = join(dir, `${options.name}.csr`);
+    const csrPem = encodePem('CERTIFICATE REQUEST', csrDer);
+    await writeFile(path, csrPem);
+    return { csrPem, path };
+  }
+
+  /** Installs a certificate signed by the root for a pending CA request. */
+  async installCa(options: { certificate: string | Buffer; makeDefault?: boolean; actor: string }): Promise<CaInfo> {
+    const der = decodeOne(options.certificate, ['CERTIFICATE'], SIZE_LIMITS.certificate);
+    const cert = parseCertificate(der);
+    const ski = keyIdentifier(cert.subjectPublicKeyInfo).toString('hex');
+    const pending = await this.store.db.selectFrom('certificate_authorities').selectAll().where('ski', '=', ski).where('status', '=', 'pending').executeTakeFirst();
+    if (!pending) throw new HallmarkError('CA_CERT_MISMATCH', 'no pending CA request has this certificate\'s key (run hallmark ca request first)');
+    const rootName = await this.rootName();
+    const [rootDer] = await this.caChain(rootName, false);
+    const root = parseCertificate(rootDer!);
+    verifyIssuedBy(cert, root);
+    const bcExt = cert.extensions.get(EXT.basicConstraints);
+    const bc = bcExt ? decodeBasicConstraints(bcExt.value) : { ca: false };
+    if (!bc.ca) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate is not a CA certificate');
+    if (cert.notAfter <= new Date()) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate has expired');
+    const rootRow = await this.#caRow(rootName);
+    const subjectText = nameToString(cert.subject);
+    await this.store.writeTransaction(async (trx) => {
+      await trx.updateTable('certificate_authorities').set({
+        status: 'active', parent_id: rootRow.id, certificate_der: der, serial: cert.serialHex.replace(/^00(?=.)/, ''), subject: subjectText,
+        not_before: nowIso(cert.notBefore), not_after: nowIso(cert.notAfter), path_len: bc.pathLen ?? null, updated_at: nowIso(),
+      }).where('id', '=', pending.id).execute();
+      await trx.insertInto('certificates').values({
+        issuer_id: rootRow.id, serial: cert.serialHex.replace(/^00(?=.)/, ''), profile: 'intermediate', subject: subjectText, fingerprint_sha256: sha256Fingerprint(der),
+        not_before: nowIso(cert.notBefore), not_after: nowIso(cert.notAfter), der, status: 'valid', revoked_at: null, revocation_reason: null,
+        requested_by: options.actor, created_at: nowIso(),
+      }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'ca.install', target: pending.name, details: { subject: subjectText, serial: cert.serialHex, fingerprintSha256: sha256Fingerprint(der), notAfter: nowIso(cert.notAfter), default: !!options.makeDefault } }]);
+    });
+    if (options.makeDefault) {
+      this.config.defaultIssuer = pending.name;
+      await saveHomeConfig(this.home, this.config);
+    }
+    this.#issuers.delete(pending.name);
+    return (await this.listCas()).find((c) => c.name === pending.name)!;
+  }
+
+  async audit(events: readonly AuditEvent[]): Promise<void> {
+    await this.store.writeTransaction((trx) => appendAudit(trx, events));
+  }
+}
+
+/** Checks that `cert` names `issuer` as issuer and carries a valid signature by its key. */
+export function verifyIssuedBy(cert: ParsedCertificate, issuer: ParsedCertificate): void {
+  if (!cert.issuer.equals(issuer.subject)) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate was not issued by this CA (issuer name differs)');
+  const scheme = SCHEME_BY_OID.get(cert.signatureAlgorithmOid);
+  if (!scheme) throw new HallmarkError('UNSUPPORTED_ALGORITHM', `unsupported signature algorithm ${cert.signatureAlgorithmOid}`);
+  const ok = cryptoVerify(scheme.hash, cert.tbs, publicKeyFromSpki(issuer.subjectPublicKeyInfo), cert.signature);
+  if (!ok) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate signature does not verify with the CA key');
+}
+
+/** A CSR signed through a Signer (the key may live in a token and never be exported). */
+export function csrFromSigner(subject: Buffer, signer: Signer): Promise<Buffer> {
+  return createCsrWith(subject, signer.publicKeySpki, signingSchemeFor(signer.ref.algorithm), (data) => signer.sign(data));
+}

@@ -1,0 +1,63 @@
+// One catalogue of error codes. Every code carries its HTTP status and a one-line meaning;
+// docs/errors.md documents each one (a test keeps the two in step).
+
+export const ERROR_CODES = {
+  BAD_REQUEST: { status: 400, meaning: 'The request is malformed or missing a required field.' },
+  BAD_PEM: { status: 400, meaning: 'The PEM input is malformed, truncated or of the wrong type.' },
+  BAD_DER: { status: 400, meaning: 'The DER input is malformed or truncated.' },
+  BAD_CSR: { status: 400, meaning: 'The certificate signing request cannot be parsed.' },
+  CSR_SIGNATURE_INVALID: { status: 400, meaning: 'The CSR signature does not verify with the key it carries.' },
+  UNSUPPORTED_ALGORITHM: { status: 400, meaning: 'The key or signature algorithm is not supported.' },
+  INPUT_TOO_LARGE: { status: 413, meaning: 'The input exceeds the size limit for its kind.' },
+  UNKNOWN_PROFILE: { status: 400, meaning: 'No certificate profile has that name.' },
+  PROFILE_VIOLATION: { status: 400, meaning: 'The request does not satisfy the certificate profile.' },
+  CERTIFICATE_CHECK_FAILED: { status: 500, meaning: 'An issued certificate failed its parse-back check against the profile; nothing was returned.' },
+  BAD_PASSPHRASE: { status: 401, meaning: 'The passphrase does not open the key store.' },
+  PASSPHRASE_REQUIRED: { status: 400, meaning: 'A passphrase is needed and none was given (HALLMARK_PASSPHRASE or --passphrase-file).' },
+  KEY_NOT_FOUND: { status: 404, meaning: 'The key reference names no key in the backend.' },
+  KEY_BACKEND_FAILED: { status: 500, meaning: 'The key backend (file store or PKCS#11 token) reported an error.' },
+  NOT_INITIALISED: { status: 409, meaning: 'The authority home has not been initialised (run hallmark init).' },
+  ALREADY_INITIALISED: { status: 409, meaning: 'The authority home or root directory already holds an authority.' },
+  CA_NOT_FOUND: { status: 404, meaning: 'No CA has that name.' },
+  CA_EXISTS: { status: 409, meaning: 'A CA with that name already exists.' },
+  CA_NOT_ACTIVE: { status: 409, meaning: 'The CA is not active (pending, retired, expired or revoked).' },
+  CA_CERT_MISMATCH: { status: 400, meaning: 'The certificate does not match the pending request or does not chain to the root.' },
+  ROOT_DIR_INVALID: { status: 400, meaning: 'The directory is not a Hallmark offline root directory.' },
+  CERTIFICATE_NOT_FOUND: { status: 404, meaning: 'No certificate has that serial number.' },
+  SERIAL_COLLISION: { status: 500, meaning: 'Could not allocate a unique serial number (should never happen).' },
+  UNAUTHENTICATED: { status: 401, meaning: 'No valid bearer token was presented.' },
+  FORBIDDEN: { status: 403, meaning: 'The token does not carry the scope this operation needs.' },
+  BAD_SCOPE: { status: 400, meaning: 'The scope is not one of the known scopes.' },
+  BAD_DURATION: { status: 400, meaning: 'The duration is not of the form 90d, 12h, 30m or 2y.' },
+  NOT_FOUND: { status: 404, meaning: 'No such resource.' },
+  DATABASE_UNAVAILABLE: { status: 503, meaning: 'The database cannot be reached.' },
+  AUDIT_CHAIN_BROKEN: { status: 500, meaning: 'The audit log hash chain does not verify.' },
+  INTERNAL: { status: 500, meaning: 'An unexpected internal error.' },
+} as const satisfies Record<string, { status: number; meaning: string }>;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+export class HallmarkError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'HallmarkError';
+    this.code = code;
+    this.status = ERROR_CODES[code].status;
+  }
+}
+
+export function isHallmarkError(err: unknown): err is HallmarkError {
+  return err instanceof HallmarkError;
+}
+
+/** Maps any thrown value to a HallmarkError without leaking internals in the message. */
+export function toHallmarkError(err: unknown): HallmarkError {
+  if (err instanceof HallmarkError) return err;
+  const e = err as { code?: string; message?: string } | undefined;
+  if (e && typeof e.code === 'string' && ['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ETIMEDOUT', '57P01', '3D000', '28P01'].includes(e.code)) {
+    return new HallmarkError('DATABASE_UNAVAILABLE', `database unavailable: ${e.message ?? e.code}`, { cause: err });
+  }
+  return new HallmarkError('INTERNAL', 'internal error', { cause: err });
+}

@@ -1,0 +1,111 @@
+// The one store: Kysely over SQLite (better-sqlite3, WAL, synchronous=FULL) by default, or
+// PostgreSQL when a postgres:// URL is given (HALLMARK_DATABASE_URL).
+
+import BetterSqlite3 from 'better-sqlite3';
+import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
+import pg from 'pg';
+import { HallmarkError } from '../errors.js';
+import { StaticMigrationProvider } from './migrations.js';
+import type { Database } from './schema.js';
+
+export type Dialect = 'sqlite' | 'postgres';
+export type Db = Kysely<Database>;
+export type Trx = Transaction<Database> | Kysely<Database>;
+
+export interface StoreOptions {
+  /** postgres://… for PostgreSQL; otherwise a SQLite file path (or ':memory:'). */
+  readonly url: string;
+}
+
+export class Store {
+  readonly db: Db;
+  readonly dialect: Dialect;
+  readonly #description: string;
+
+  private constructor(db: Db, dialect: Dialect, description: string) {
+    this.db = db;
+    this.dialect = dialect;
+    this.#description = description;
+  }
+
+  /** Opens the database, checks that it answers, and brings its schema up to date. */
+  static async open(options: StoreOptions): Promise<Store> {
+    const url = options.url;
+    let store: Store;
+    if (/^postgres(ql)?:\/\//.test(url)) {
+      const pool = new pg.Pool({ connectionString: url, max: 8, connectionTimeoutMillis: 5000 });
+      pool.on('error', () => { /* idle client errors surface on the next query */ });
+      store = new Store(new Kysely<Database>({ dialect: new PostgresDialect({ pool }) }), 'postgres', redactUrl(url));
+    } else {
+      let sqlite: BetterSqlite3.Database;
+      try {
+        sqlite = new BetterSqlite3(url);
+      } catch (err) {
+        throw new HallmarkError('DATABASE_UNAVAILABLE', `cannot open SQLite database ${url}: ${(err as Error).message}`, { cause: err });
+      }
+      sqlite.pragma('journal_mode = WAL');
+      // FULL: a commit is on disk before it returns, so nothing is handed out before it is durable.
+      sqlite.pragma('synchronous = FULL');
+      sqlite.pragma('foreign_keys = ON');
+      sqlite.pragma('busy_timeout = 10000');
+      store = new Store(new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) }), 'sqlite', url);
+    }
+    try {
+      await sql`select 1`.execute(store.db);
+    } catch (err) {
+      await store.db.destroy().catch(() => {});
+      throw new HallmarkError('DATABASE_UNAVAILABLE', `database unavailable (${store.#description}): ${(err as Error).message}`, { cause: err });
+    }
+    await store.migrate();
+    return store;
+  }
+
+  async migrate(): Promise<void> {
+    const migrator = new Migrator({ db: this.db, provider: new StaticMigrationProvider(this.dialect) });
+    const { error, results } = await migrator.migrateToLatest();
+    if (error) {
+      const failed = results?.find((r) => r.status === 'Error')?.migrationName;
+      throw new HallmarkError('DATABASE_UNAVAILABLE', `database migration ${failed ?? ''} failed: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  /**
+   * Runs `fn` in a write transaction that holds the store's write lock from its first statement:
+   * BEGIN IMMEDIATE on SQLite (another process waits instead of failing on upgrade), and a
+   * transaction-scoped advisory lock on PostgreSQL. The audit chain needs this total order.
+   */
+  async writeTransaction<T>(fn: (trx: Transaction<Database>) => Promise<T>): Promise<T> {
+    if (this.dialect === 'postgres') {
+      return this.db.transaction().execute(async (trx) => {
+        await sql`select pg_advisory_xact_lock(7216013)`.execute(trx);
+        return fn(trx);
+      });
+    }
+    return this.db.connection().execute(async (conn) => {
+      await sql`begin immediate`.execute(conn);
+      try {
+        // A Kysely Transaction is a Kysely bound to one connection; the connection here is already in BEGIN.
+        const result = await fn(conn as unknown as Transaction<Database>);
+        await sql`commit`.execute(conn);
+        return result;
+      } catch (err) {
+        await sql`rollback`.execute(conn).catch(() => {});
+        throw err;
+      }
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.db.destroy();
+  }
+
+  describe(): string {
+    return `${this.dialect} ${this.#description}`;
+  }
+}
+
+export function redactUrl(url: string): string {
+  return url.replace(/\/\/([^:@/]+):[^@/]*@/, '//$1:***@');
+}
+
+export const nowIso = (date = new Date()): string => date.toISOString();

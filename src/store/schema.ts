@@ -1,0 +1,84 @@
+// Table types shared by both dialects. Timestamps are ISO-8601 UTC text (sortable, same in SQLite
+// and PostgreSQL); binary DER is BLOB / BYTEA; serial numbers are canonical lowercase hex.
+
+import type { Generated, Insertable, Selectable } from 'kysely';
+
+export type CaRole = 'root' | 'intermediate';
+export type CaStatus = 'pending' | 'active' | 'retired' | 'revoked';
+export type CertificateStatus = 'valid' | 'revoked';
+
+export interface CertificateAuthoritiesTable {
+  id: Generated<number>;
+  name: string;
+  role: CaRole;
+  parent_id: number | null;
+  status: CaStatus;
+  subject: string;
+  /** KeyRef as JSON; null for the root, whose key is offline. */
+  key_ref: string | null;
+  key_algorithm: string;
+  /** Hex subject key identifier (of the key, known from the request on). */
+  ski: string;
+  path_len: number | null;
+  certificate_der: Buffer | null;
+  csr_der: Buffer | null;
+  serial: string | null;
+  not_before: string | null;
+  not_after: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface CertificatesTable {
+  id: Generated<number>;
+  issuer_id: number;
+  serial: string;
+  profile: string;
+  subject: string;
+  fingerprint_sha256: string;
+  not_before: string;
+  not_after: string;
+  der: Buffer;
+  status: CertificateStatus;
+  revoked_at: string | null;
+  revocation_reason: string | null;
+  requested_by: string;
+  created_at: string;
+}
+
+export interface AuditLogTable {
+  seq: number;
+  at: string;
+  actor: string;
+  action: string;
+  target: string;
+  details: string;
+  prev_hash: string;
+  hash: string;
+}
+
+export interface ApiTokensTable {
+  id: string;
+  name: string;
+  scopes: string;
+  secret_hash: string;
+  created_by: string;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+  last_used_at: string | null;
+}
+
+export interface Database {
+  certificate_authorities: CertificateAuthoritiesTable;
+  certificates: CertificatesTable;
+  audit_log: AuditLogTable;
+  api_tokens: ApiTokensTable;
+}
+
+export type CaRow = Selectable<CertificateAuthoritiesTable>;
+export type NewCaRow = Insertable<CertificateAuthoritiesTable>;
+export type CertificateRow = Selectable<CertificatesTable>;
+export type NewCertificateRow = Insertable<CertificatesTable>;
+export type AuditRow = Selectable<AuditLogTable>;
+export type TokenRow = Selectable<ApiTokensTable>;
