@@ -21,23 +21,9 @@ import type { CaRow, CaStatus } from '../store/schema.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
 import { profileByName } from './profiles.js';
+import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
+export type { CaInfo } from './ca-directory.js';
 import type { Signer } from '../keys/key-backend.js';
-
-export interface CaInfo {
-  readonly name: string;
-  readonly role: 'root' | 'intermediate';
-  readonly status: CaStatus | 'expired';
-  readonly parent: string | null;
-  readonly subject: string;
-  readonly keyId: string;
-  readonly keyAlgorithm: string;
-  readonly keyLocation: string;
-  readonly serial: string | null;
-  readonly notBefore: string | null;
-  readonly notAfter: string | null;
-  readonly pathLen: number | null;
-  readonly isDefaultIssuer: boolean;
-}
 
 export interface IssueRequest {
   /** PEM, base64 or DER PKCS#10. */
@@ -74,23 +60,13 @@ interface LoadedIssuer extends SigningCa {
   readonly chain: readonly Buffer[];
 }
 
-function caStatus(row: CaRow, now = new Date()): CaInfo['status'] {
-  if (row.status === 'active' && row.not_after && new Date(row.not_after) <= now) return 'expired';
-  return row.status;
-}
-
-function describeKeyRef(ref: string | null): string {
-  if (!ref) return 'offline (root directory)';
-  const k = JSON.parse(ref) as KeyRef;
-  return k.backend === 'pkcs11' ? k.id : `file:${k.id}`;
-}
-
 export class Authority {
   readonly store: Store;
   readonly home: string;
   readonly config: HomeConfig;
   readonly fileKeys: FileKeyBackend;
   readonly caKeys: KeyBackend;
+  readonly directory: CaDirectory;
   readonly #recorder: CertificateRecorder;
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
 
@@ -101,6 +77,7 @@ export class Authority {
     this.fileKeys = fileKeys;
     this.caKeys = caKeys;
     this.#recorder = new CertificateRecorder(store);
+    this.directory = new CaDirectory(store, config);
   }
 
   /** Opens an initialised home. Needs the passphrase (the key store is encrypted). */
@@ -125,50 +102,10 @@ export class Authority {
 
   // ------------------------------------------------------------ reading the hierarchy
 
-  async listCas(): Promise<CaInfo[]> {
-    const rows = await this.store.db.selectFrom('certificate_authorities').selectAll().orderBy('id').execute();
-    const byId = new Map(rows.map((r) => [r.id, r]));
-    return rows.map((r) => ({
-      name: r.name,
-      role: r.role,
-      status: caStatus(r),
-      parent: r.parent_id === null ? null : byId.get(r.parent_id)?.name ?? null,
-      subject: r.subject,
-      keyId: r.ski,
-      keyAlgorithm: r.key_algorithm,
-      keyLocation: describeKeyRef(r.key_ref),
-      serial: r.serial,
-      notBefore: r.not_before,
-      notAfter: r.not_after,
-      pathLen: r.path_len,
-      isDefaultIssuer: r.name === this.config.defaultIssuer,
-    }));
-  }
-
-  async #caRow(name: string): Promise<CaRow> {
-    const row = await this.store.db.selectFrom('certificate_authorities').selectAll().where('name', '=', name).executeTakeFirst();
-    if (!row) throw new HallmarkError('CA_NOT_FOUND', `no CA named ${JSON.stringify(name)}`);
-    return row;
-  }
-
-  /** The certificate of CA `name` and, with `chain`, its issuers up to the root (DER, leaf first). */
-  async caChain(name: string, chain = true): Promise<Buffer[]> {
-    const out: Buffer[] = [];
-    let row: CaRow | undefined = await this.#caRow(name);
-    while (row) {
-      if (!row.certificate_der) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} has no certificate yet (pending installation)`);
-      out.push(Buffer.from(row.certificate_der));
-      if (!chain || row.parent_id === null) break;
-      row = await this.store.db.selectFrom('certificate_authorities').selectAll().where('id', '=', row.parent_id).executeTakeFirst();
-    }
-    return out;
-  }
-
-  async rootName(): Promise<string> {
-    const row = await this.store.db.selectFrom('certificate_authorities').select('name').where('role', '=', 'root').where('status', '=', 'active').orderBy('id', 'desc').executeTakeFirst();
-    if (!row) throw new HallmarkError('CA_NOT_FOUND', 'no active root CA');
-    return row.name;
-  }
+  listCas(): Promise<CaInfo[]> { return this.directory.listCas(); }
+  caChain(name: string, chain = true): Promise<Buffer[]> { return this.directory.caChain(name, chain); }
+  rootName(): Promise<string> { return this.directory.rootName(); }
+  #caRow(name: string): Promise<CaRow> { return this.directory.caRow(name); }
 
   async #issuer(name: string): Promise<LoadedIssuer> {
     let p = this.#issuers.get(name);

@@ -343,15 +343,17 @@ export class Pkcs11KeyBackend implements KeyBackend {
   readonly tokenLabel: string;
 
   readonly #mod: LoadedModule;
+  readonly #slot: Handle;
   readonly #slotKey: string;
-  readonly #session: Handle;
+  #session: Handle;
   /** Tail of the queue of operations on the session. */
   #tail: Promise<unknown> = Promise.resolve();
   #closing: Promise<void> | null = null;
 
-  private constructor(mod: LoadedModule, slotKey: string, session: Handle, tokenLabel: string) {
+  private constructor(mod: LoadedModule, slot: Handle, session: Handle, tokenLabel: string) {
     this.#mod = mod;
-    this.#slotKey = slotKey;
+    this.#slot = slot;
+    this.#slotKey = slot.toString('hex');
     this.#session = session;
     this.tokenLabel = tokenLabel;
   }
@@ -359,19 +361,17 @@ export class Pkcs11KeyBackend implements KeyBackend {
   /** Loads the module (once per process), finds the token by label, opens a R/W session and logs in. */
   static async open(options: Pkcs11BackendOptions): Promise<Pkcs11KeyBackend> {
     if (typeof options.pin !== 'string' || options.pin === '') throw new HallmarkError('BAD_PASSPHRASE', 'a PKCS#11 user PIN is required');
-    const alreadyInitialised = loadedModules.get(safeRealpath(options.module))?.users ?? 0;
+    const moduleInUse = (loadedModules.get(safeRealpath(options.module))?.users ?? 0) > 0;
     const mod = acquireModule(options.module);
     let session: Handle | null = null;
     try {
-      const slot = findSlot(mod, options.token, alreadyInitialised > 0);
+      const slot = findSlot(mod, options.token, moduleInUse);
       session = p11('C_OpenSession', () => mod.pkcs11.C_OpenSession(slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION));
-      const slotKey = slot.toString('hex');
-      login(mod, slotKey, session, options.token, options.pin);
-      return new Pkcs11KeyBackend(mod, slotKey, session, options.token);
+      login(mod, slot.toString('hex'), session, options.token, options.pin);
+      return new Pkcs11KeyBackend(mod, slot, session, options.token);
     } catch (err) {
       if (session) {
-        const s = session;
-        try { mod.pkcs11.C_CloseSession(s); } catch { /* already failing */ }
+        try { mod.pkcs11.C_CloseSession(session); } catch { /* already failing */ }
       }
       releaseModule(mod);
       throw err;
@@ -473,8 +473,19 @@ export class Pkcs11KeyBackend implements KeyBackend {
         }
         const signature = await backend.#exclusive(async () => {
           const session = backend.#session;
-          p11('C_SignInit', () => backend.#pkcs11.C_SignInit(session, { mechanism }, found.privateKey));
-          return p11Async('C_Sign', () => backend.#pkcs11.C_SignAsync(session, input, Buffer.alloc(outputLength)));
+          try {
+            backend.#pkcs11.C_SignInit(session, { mechanism }, found.privateKey);
+            return await backend.#pkcs11.C_SignAsync(session, nonNullBuffer(input), Buffer.alloc(outputLength));
+          } catch (err) {
+            // Tokens do not reliably end the operation when C_Sign fails (SoftHSM2 leaves it active
+            // after CKR_ARGUMENTS_BAD), and an active operation blocks every later call on the session.
+            backend.#replaceSession();
+            const ckr = ckrName(err);
+            if (ckr === 'CKR_KEY_HANDLE_INVALID' || ckr === 'CKR_OBJECT_HANDLE_INVALID') {
+              throw new HallmarkError('KEY_NOT_FOUND', `the key ${frozenRef.id} is no longer on the token`, { cause: err });
+            }
+            throw backendError('C_Sign', err);
+          }
         });
         if (!curve) return signature;
         if (signature.length !== outputLength) {
@@ -525,6 +536,22 @@ export class Pkcs11KeyBackend implements KeyBackend {
     const result = this.#tail.then(fn);
     this.#tail = result.then(() => undefined, () => undefined);
     return result;
+  }
+
+  /**
+   * Swaps the session for a fresh one. The new session opens before the old one closes so that the
+   * token never has zero sessions, which would end the login. Object handles stay valid: they
+   * belong to the application, not the session.
+   */
+  #replaceSession(): void {
+    try {
+      const fresh = this.#pkcs11.C_OpenSession(this.#slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+      const old = this.#session;
+      this.#session = fresh;
+      try { this.#pkcs11.C_CloseSession(old); } catch { /* already unusable */ }
+    } catch {
+      // Keep the old session; the next call reports whatever is wrong with the token.
+    }
   }
 
   #shutdown(): void {
@@ -698,6 +725,14 @@ const wrongPin = (tokenLabel: string): HallmarkError =>
   new HallmarkError('BAD_PASSPHRASE', `wrong PIN for PKCS#11 token ${JSON.stringify(tokenLabel)}`);
 
 // ---------------------------------------------------------------- small helpers
+
+/**
+ * pkcs11js passes an empty Buffer as a NULL pointer, which tokens reject (CKR_ARGUMENTS_BAD). A
+ * zero-length view into a real allocation passes a valid pointer with length 0.
+ */
+function nonNullBuffer(data: Buffer): Buffer {
+  return data.length > 0 ? data : Buffer.alloc(1).subarray(0, 0);
+}
 
 function stripZeros(b: Buffer): Buffer {
   let i = 0;

@@ -12,6 +12,9 @@ export type Dialect = 'sqlite' | 'postgres';
 export type Db = Kysely<Database>;
 export type Trx = Transaction<Database> | Kysely<Database>;
 
+/** How long a SQLite writer waits for another to release the write lock. */
+const SQLITE_LOCK_WAIT_MS = 10_000;
+
 export interface StoreOptions {
   /** postgres://… for PostgreSQL; otherwise a SQLite file path (or ':memory:'). */
   readonly url: string;
@@ -21,11 +24,14 @@ export class Store {
   readonly db: Db;
   readonly dialect: Dialect;
   readonly #description: string;
+  /** The better-sqlite3 handle (SQLite only), to take the write lock without blocking the event loop. */
+  readonly #sqlite: BetterSqlite3.Database | undefined;
 
-  private constructor(db: Db, dialect: Dialect, description: string) {
+  private constructor(db: Db, dialect: Dialect, description: string, sqlite?: BetterSqlite3.Database) {
     this.db = db;
     this.dialect = dialect;
     this.#description = description;
+    this.#sqlite = sqlite;
   }
 
   /** Opens the database, checks that it answers, and brings its schema up to date. */
@@ -47,8 +53,8 @@ export class Store {
       // FULL: a commit is on disk before it returns, so nothing is handed out before it is durable.
       sqlite.pragma('synchronous = FULL');
       sqlite.pragma('foreign_keys = ON');
-      sqlite.pragma('busy_timeout = 10000');
-      store = new Store(new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) }), 'sqlite', url);
+      sqlite.pragma(`busy_timeout = ${SQLITE_LOCK_WAIT_MS}`);
+      store = new Store(new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) }), 'sqlite', url, sqlite);
     }
     try {
       await sql`select 1`.execute(store.db);
@@ -82,7 +88,7 @@ export class Store {
       });
     }
     return this.db.connection().execute(async (conn) => {
-      await sql`begin immediate`.execute(conn);
+      await this.#beginImmediate(conn);
       try {
         // A Kysely Transaction is a Kysely bound to one connection; the connection here is already in BEGIN.
         const result = await fn(conn as unknown as Transaction<Database>);
@@ -93,6 +99,28 @@ export class Store {
         throw err;
       }
     });
+  }
+
+  /**
+   * BEGIN IMMEDIATE, waiting for another writer asynchronously. better-sqlite3 is synchronous, so
+   * letting busy_timeout do the waiting would block this thread's event loop, and with it a holder of
+   * the lock in the same process (another Store on the same file): a deadlock until SQLITE_BUSY.
+   */
+  async #beginImmediate(conn: Kysely<Database>): Promise<void> {
+    const sqlite = this.#sqlite!;
+    const deadline = Date.now() + SQLITE_LOCK_WAIT_MS;
+    for (let delay = 1; ; delay = Math.min(delay * 2, 25)) {
+      sqlite.pragma('busy_timeout = 0');
+      try {
+        await sql`begin immediate`.execute(conn);
+        return;
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'SQLITE_BUSY' || Date.now() >= deadline) throw err;
+      } finally {
+        sqlite.pragma(`busy_timeout = ${SQLITE_LOCK_WAIT_MS}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
   }
 
   async close(): Promise<void> {

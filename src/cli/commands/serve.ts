@@ -1,0 +1,61 @@
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join } from 'node:path';
+import { Authority } from '../../authority/authority.js';
+import { HOME_FILES, defaultRootDir, isInitialised, loadHomeConfig, resolveHome } from '../../authority/home.js';
+import { initAuthority } from '../../authority/init.js';
+import { createLogger } from '../../log.js';
+import { startServers } from '../../server/servers.js';
+import { actor, flag, intOption, readPassphrase, str, type Command } from '../io.js';
+
+export const serveCommand: Command = {
+  name: 'serve',
+  summary: 'serve the authority: HTTPS admin API and plain-HTTP public data',
+  usage: `Usage: hallmark serve [--home DIR] [--port 8443] [--http-port 8080] [--host 127.0.0.1] [--passphrase-file FILE] [--dev]
+
+HTTPS (TLS 1.2 and 1.3, client certificates requested but optional) serves the admin API under
+/api/v1 (bearer tokens; OpenAPI at /api/v1/openapi.json). Plain HTTP serves only public data: CA
+certificates under /ca/. Both answer GET /healthz. The root key is never needed.
+
+--dev: when the home is not initialised, create a DEVELOPMENT authority there first (org
+"Hallmark Development"; passphrase from HALLMARK_PASSPHRASE, or generated and stored in
+<home>/${HOME_FILES.devPassphrase}). Never use a development authority in production.`,
+  options: { port: { type: 'string' }, 'http-port': { type: 'string' }, host: { type: 'string' }, 'passphrase-file': { type: 'string' }, dev: { type: 'boolean' } },
+  async run(args) {
+    const home = resolveHome(str(args, 'home'));
+    const log = createLogger();
+    const devPassFile = join(home, HOME_FILES.devPassphrase);
+    let passphrase: string;
+    if (flag(args, 'dev') && !isInitialised(home)) {
+      passphrase = process.env.HALLMARK_PASSPHRASE || randomBytes(24).toString('base64url');
+      log.warn({ home }, '*** CREATING A DEVELOPMENT AUTHORITY — FOR DEVELOPMENT ONLY, NOT FOR PRODUCTION ***');
+      await initAuthority({ home, rootDir: defaultRootDir(home), org: 'Hallmark Development', passphrase, keyBackend: 'file', development: true, actor: actor() });
+      if (!process.env.HALLMARK_PASSPHRASE) writeFileSync(devPassFile, passphrase + '\n', { mode: 0o600 });
+    } else if (flag(args, 'dev') && !process.env.HALLMARK_PASSPHRASE && !str(args, 'passphrase-file') && existsSync(devPassFile)) {
+      passphrase = readFileSync(devPassFile, 'utf8').trim();
+    } else {
+      await loadHomeConfig(home);
+      passphrase = await readPassphrase(args);
+    }
+    const authority = await Authority.open(home, passphrase);
+    if (authority.config.development) {
+      log.warn({ home }, '*** DEVELOPMENT AUTHORITY: its key store passphrase may sit beside the keys. Do not issue production identities from it. ***');
+    }
+    const servers = await startServers(authority, {
+      host: str(args, 'host') ?? '127.0.0.1',
+      httpsPort: intOption(args, 'port') ?? 8443,
+      httpPort: intOption(args, 'http-port') ?? 8080,
+      logger: log,
+    });
+    log.info({ https: servers.httpsUrl, http: servers.httpUrl, store: authority.store.describe() }, 'hallmark serving');
+    await new Promise<void>((resolve) => {
+      const stop = () => resolve();
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+    });
+    log.info('shutting down');
+    await servers.close();
+    await authority.close();
+    return 0;
+  },
+};

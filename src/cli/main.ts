@@ -1,0 +1,75 @@
+// The `hallmark` command.
+
+import { HallmarkError, isHallmarkError } from '../errors.js';
+import { auditListCommand, auditVerifyCommand } from './commands/audit.js';
+import { caExportCommand, caInstallCommand, caListCommand, caRequestCommand } from './commands/ca.js';
+import { initCommand } from './commands/init.js';
+import { issueCommand } from './commands/issue.js';
+import { rootSignCommand } from './commands/root.js';
+import { serveCommand } from './commands/serve.js';
+import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
+import { UsageError, parse, type Command } from './io.js';
+
+const COMMANDS: readonly Command[] = [
+  initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
+  issueCommand, tokenCreateCommand, tokenListCommand, tokenRevokeCommand, auditVerifyCommand, auditListCommand, serveCommand,
+];
+
+function overview(): string {
+  const width = Math.max(...COMMANDS.map((c) => c.name.length));
+  return `Usage: hallmark <command> [options]   (hallmark <command> --help for details)
+
+Hallmark — device identity authority for IoT fleets.
+
+Commands:
+${COMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
+
+Environment: HALLMARK_HOME (default ./hallmark-data), HALLMARK_PASSPHRASE, HALLMARK_ROOT_PASSPHRASE,
+HALLMARK_PKCS11_PIN, HALLMARK_DATABASE_URL (postgres://… to use PostgreSQL instead of SQLite),
+HALLMARK_LOG_LEVEL.`;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  if (argv.length === 0 || argv[0] === '--help' || argv[0] === '-h' || argv[0] === 'help') {
+    process.stdout.write(overview() + '\n');
+    return argv.length === 0 ? 2 : 0;
+  }
+  // Longest match: "ca list" before "ca".
+  const two = `${argv[0]} ${argv[1] ?? ''}`;
+  const command = COMMANDS.find((c) => c.name === two) ?? COMMANDS.find((c) => c.name === argv[0]);
+  if (!command) {
+    const group = COMMANDS.filter((c) => c.name.startsWith(`${argv[0]} `));
+    if (group.length) {
+      process.stderr.write(`hallmark ${argv[0]}: choose one of: ${group.map((c) => c.name).join(', ')}\n`);
+      return 2;
+    }
+    process.stderr.write(`hallmark: unknown command ${JSON.stringify(argv[0])}\n\n${overview()}\n`);
+    return 2;
+  }
+  const rest = argv.slice(command.name.split(' ').length);
+  try {
+    const args = parse(command, rest);
+    if (args === 'help') {
+      process.stdout.write(`hallmark ${command.name} — ${command.summary}\n\n${command.usage}\n`);
+      return 0;
+    }
+    return await command.run(args);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`hallmark ${command.name}: ${err.message}\n`);
+      return 2;
+    }
+    const e = isHallmarkError(err) ? err : toCliError(err);
+    process.stderr.write(`hallmark ${command.name}: ${e.message} [${e.code}]\n`);
+    if (process.env.HALLMARK_DEBUG && e.cause) process.stderr.write(`${String((e.cause as Error).stack ?? e.cause)}\n`);
+    return 1;
+  }
+}
+
+function toCliError(err: unknown): HallmarkError {
+  const e = err as { code?: string; message?: string };
+  if (['ECONNREFUSED', 'ENOTFOUND', 'ETIMEDOUT', '3D000', '28P01'].includes(e?.code ?? '')) {
+    return new HallmarkError('DATABASE_UNAVAILABLE', `database unavailable: ${e.message}`, { cause: err });
+  }
+  return new HallmarkError('INTERNAL', `unexpected error: ${e?.message ?? String(err)}`, { cause: err });
+}

@@ -1,0 +1,88 @@
+// HTTP wiring. Two listeners:
+//   HTTPS  — admin API under /api/v1 (bearer tokens), OpenAPI document, health; TLS 1.2/1.3 with
+//            client certificates requested but optional (EST will use them).
+//   HTTP   — public data only (CA certificates; later CRLs and OCSP), health.
+// Routes parse and render; the Authority decides and signs.
+
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { AddressInfo } from 'node:net';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import type { Authority } from '../authority/authority.js';
+import { HOME_FILES } from '../authority/home.js';
+import { encodePem } from '../pki/pem.js';
+import { installErrorHandling } from './errors.js';
+import { registerAdminApi } from './admin-api.js';
+import { registerPublicRoutes } from './public-routes.js';
+
+export interface ServerOptions {
+  readonly host: string;
+  readonly httpsPort: number;
+  readonly httpPort: number;
+  readonly logger: Logger;
+}
+
+export interface RunningServers {
+  readonly https: FastifyInstance;
+  readonly http: FastifyInstance;
+  readonly httpsUrl: string;
+  readonly httpUrl: string;
+  close(): Promise<void>;
+}
+
+/** Request bodies above this are refused with 413 before they are parsed. */
+export const BODY_LIMIT = 256 * 1024;
+
+export async function buildHttpsApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
+  const key = await authority.fileKeys.privateKeyObject(authority.config.tls.keyRef);
+  const chain = readFileSync(join(authority.home, HOME_FILES.tlsChain), 'utf8');
+  const trust = (await authority.caChain(await authority.rootName(), false)).map((d) => encodePem('CERTIFICATE', d)).join('');
+  const app = Fastify({
+    https: {
+      // The key stays in memory; it is decrypted from the key store at start-up.
+      key: key.export({ format: 'pem', type: 'pkcs8' }) as string,
+      cert: chain,
+      ca: trust,
+      minVersion: 'TLSv1.2',
+      maxVersion: 'TLSv1.3',
+      requestCert: true,
+      rejectUnauthorized: false,
+    },
+    loggerInstance: logger as FastifyBaseLogger,
+    bodyLimit: BODY_LIMIT,
+  }) as unknown as FastifyInstance; // routes are written against the plain instance type; TLS is transparent to them
+  installErrorHandling(app);
+  await registerAdminApi(app, authority);
+  registerPublicRoutes(app, authority);
+  return app;
+}
+
+export async function buildHttpApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
+  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT }) as unknown as FastifyInstance;
+  installErrorHandling(app);
+  registerPublicRoutes(app, authority);
+  return app;
+}
+
+export async function startServers(authority: Authority, options: ServerOptions): Promise<RunningServers> {
+  const https = await buildHttpsApp(authority, options.logger);
+  const http = await buildHttpApp(authority, options.logger);
+  await https.listen({ host: options.host, port: options.httpsPort });
+  try {
+    await http.listen({ host: options.host, port: options.httpPort });
+  } catch (err) {
+    await https.close();
+    throw err;
+  }
+  const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host;
+  return {
+    https,
+    http,
+    httpsUrl: `https://${hostForUrl}:${(https.server.address() as AddressInfo).port}`,
+    httpUrl: `http://${hostForUrl}:${(http.server.address() as AddressInfo).port}`,
+    async close() {
+      await Promise.all([https.close(), http.close()]);
+    },
+  };
+}
