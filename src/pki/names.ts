@@ -32,8 +32,10 @@ export function parseNameString(text: string): NameAttribute[] {
   if (text.length > MAX_NAME_TEXT) throw new HallmarkError('INPUT_TOO_LARGE', 'distinguished name is too long');
   const out: NameAttribute[] = [];
   let i = 0;
-  const s = text.trim().replace(/^\//, '');
-  const separator = s.includes(',') || !s.includes('/') ? ',' : '/';
+  // OpenSSL's "/CN=a/O=b" form is recognised by its leading slash; otherwise a '/' is part of a value.
+  const trimmed = text.trim();
+  const separator = trimmed.startsWith('/') ? '/' : ',';
+  const s = separator === '/' ? trimmed.slice(1) : trimmed;
   while (i < s.length) {
     let type = '';
     while (i < s.length && s[i] !== '=') type += s[i++];

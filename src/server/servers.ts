@@ -34,6 +34,9 @@ export interface RunningServers {
 /** Request bodies above this are refused with 413 before they are parsed. */
 export const BODY_LIMIT = 256 * 1024;
 
+/** Unknown body fields are an error, not silently dropped (Fastify's default removes them). */
+const AJV_OPTIONS = { customOptions: { removeAdditional: false, coerceTypes: 'array' as const, allErrors: false } };
+
 export async function buildHttpsApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
   const key = await authority.fileKeys.privateKeyObject(authority.config.tls.keyRef);
   const chain = readFileSync(join(authority.home, HOME_FILES.tlsChain), 'utf8');
@@ -51,6 +54,7 @@ export async function buildHttpsApp(authority: Authority, logger: Logger): Promi
     },
     loggerInstance: logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT,
+    ajv: AJV_OPTIONS,
   }) as unknown as FastifyInstance; // routes are written against the plain instance type; TLS is transparent to them
   installErrorHandling(app);
   await registerAdminApi(app, authority);
@@ -59,7 +63,7 @@ export async function buildHttpsApp(authority: Authority, logger: Logger): Promi
 }
 
 export async function buildHttpApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
-  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT }) as unknown as FastifyInstance;
+  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS }) as unknown as FastifyInstance;
   installErrorHandling(app);
   registerPublicRoutes(app, authority);
   return app;
