@@ -49,7 +49,7 @@ export class OfflineRoot {
     const subject = encodeNameString(subjectText);
     await mkdir(options.dir, { recursive: true, mode: 0o700 });
     const backend: KeyBackend = options.pkcs11
-      ? await openPkcs11(options.pkcs11, options.passphrase)
+      ? await openPkcs11(options.pkcs11, options.passphrase, 'root')
       : await FileKeyBackend.create(join(options.dir, ROOT_FILES.keys), options.passphrase);
     try {
       const keyRef = await backend.generateKey('hallmark-root', options.algorithm);
@@ -79,7 +79,7 @@ export class OfflineRoot {
     let certText: string;
     try { certText = await readFile(join(dir, ROOT_FILES.certificate), 'utf8'); } catch { throw new HallmarkError('ROOT_DIR_INVALID', `${dir} has no ${ROOT_FILES.certificate}`); }
     const certificate = parseCertificate(decodeOne(certText, ['CERTIFICATE'], SIZE_LIMITS.certificate));
-    const backend: KeyBackend = config.pkcs11 ? await openPkcs11(config.pkcs11, passphrase) : await FileKeyBackend.open(join(dir, ROOT_FILES.keys), passphrase);
+    const backend: KeyBackend = config.pkcs11 ? await openPkcs11(config.pkcs11, passphrase, 'root') : await FileKeyBackend.open(join(dir, ROOT_FILES.keys), passphrase);
     try {
       const signer = await backend.signer(config.keyRef);
       if (!signer.publicKeySpki.equals(certificate.subjectPublicKeyInfo)) throw new HallmarkError('ROOT_DIR_INVALID', 'the root key does not match root.pem');

@@ -17,7 +17,8 @@ by it, a delegated OCSP signing certificate, and a TLS server certificate for "h
 
 The passphrase protecting the key stores comes from --passphrase-file, HALLMARK_PASSPHRASE, or a
 terminal prompt. The root directory uses --root-passphrase-file / HALLMARK_ROOT_PASSPHRASE when given.
-With --key-backend pkcs11 the PIN is HALLMARK_PKCS11_PIN (or the passphrase).
+With --key-backend pkcs11 the PIN is HALLMARK_PKCS11_PIN (or the passphrase); the root token may
+have its own PIN in HALLMARK_ROOT_PKCS11_PIN.
 --home defaults to HALLMARK_HOME, then ./hallmark-data.`,
   options: {
     org: { type: 'string' },
