@@ -1,6 +1,7 @@
 // The one store: Kysely over SQLite (better-sqlite3, WAL, synchronous=FULL) by default, or
 // PostgreSQL when a postgres:// URL is given (HALLMARK_DATABASE_URL).
 
+import { chmodSync } from 'node:fs';
 import BetterSqlite3 from 'better-sqlite3';
 import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
 import pg from 'pg';
@@ -49,6 +50,7 @@ export class Store {
       } catch (err) {
         throw new HallmarkError('DATABASE_UNAVAILABLE', `cannot open SQLite database ${url}: ${(err as Error).message}`, { cause: err });
       }
+      if (url !== ':memory:') chmodSync(url, 0o600); // token hashes and the audit log: owner only
       sqlite.pragma('journal_mode = WAL');
       // FULL: a commit is on disk before it returns, so nothing is handed out before it is durable.
       sqlite.pragma('synchronous = FULL');
