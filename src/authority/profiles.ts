@@ -41,7 +41,8 @@ export const PROFILES: Readonly<Record<ProfileName, CertificateProfile>> = Objec
 });
 
 export function profileByName(name: string): CertificateProfile {
-  const p = (PROFILES as Record<string, CertificateProfile>)[name];
+  // Own properties only: "constructor", "toString" or "__proto__" are not profiles.
+  const p = Object.hasOwn(PROFILES, name) ? (PROFILES as Record<string, CertificateProfile>)[name] : undefined;
   if (!p) throw new HallmarkError('UNKNOWN_PROFILE', `unknown profile ${JSON.stringify(name)} (one of ${PROFILE_NAMES.join(', ')})`);
   return p;
 }

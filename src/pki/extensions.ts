@@ -75,7 +75,9 @@ function ipBytes(ip: string): Buffer {
   const v = isIP(ip);
   if (v === 4) return Buffer.from(ip.split('.').map(Number));
   if (v === 6) {
-    const [head, tail] = ip.includes('::') ? ip.split('::') as [string, string] : [ip, undefined];
+    // An embedded IPv4 tail (::ffff:192.0.2.1) is the last two groups.
+    const text = ip.replace(/(\d+)\.(\d+)\.(\d+)\.(\d+)$/, (_, a, b, c, d) => `${((+a << 8) | +b).toString(16)}:${((+c << 8) | +d).toString(16)}`);
+    const [head, tail] = text.includes('::') ? text.split('::') as [string, string] : [text, undefined];
     const h = head ? head.split(':') : [];
     const t = tail ? tail.split(':') : [];
     const groups = tail === undefined ? h : [...h, ...Array(8 - h.length - t.length).fill('0'), ...t];
