@@ -72,7 +72,8 @@ export interface AltNames {
 const DNS_NAME = /^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i;
 
 function ipBytes(ip: string): Buffer {
-  const v = isIP(ip);
+  // A zone id (fe80::1%eth0) has no place in a certificate; refuse it rather than drop it silently.
+  const v = ip.includes('%') ? 0 : isIP(ip);
   if (v === 4) return Buffer.from(ip.split('.').map(Number));
   if (v === 6) {
     // An embedded IPv4 tail (::ffff:192.0.2.1) is the last two groups.

@@ -33,7 +33,7 @@ export function parseNameString(text: string): NameAttribute[] {
   const out: NameAttribute[] = [];
   let i = 0;
   // OpenSSL's "/CN=a/O=b" form is recognised by its leading slash; otherwise a '/' is part of a value.
-  const trimmed = text.trim();
+  const trimmed = text.replace(/^\s+/, '').replace(/(?<!\\)\s+$/, ''); // an escaped final space stays
   const separator = trimmed.startsWith('/') ? '/' : ',';
   const s = separator === '/' ? trimmed.slice(1) : trimmed;
   while (i < s.length) {
@@ -41,14 +41,19 @@ export function parseNameString(text: string): NameAttribute[] {
     while (i < s.length && s[i] !== '=') type += s[i++];
     if (s[i] !== '=') throw new HallmarkError('BAD_REQUEST', `bad distinguished name ${JSON.stringify(text)}: missing '='`);
     i++;
-    let value = '';
+    // Unescaped leading/trailing spaces are dropped; escaped ones ("\\ ") belong to the value.
+    const chars: Array<{ c: string; escaped: boolean }> = [];
     while (i < s.length && s[i] !== separator) {
-      if (s[i] === '\\' && i + 1 < s.length) { value += s[i + 1]; i += 2; } else value += s[i++];
+      if (s[i] === '\\' && i + 1 < s.length) { chars.push({ c: s[i + 1]!, escaped: true }); i += 2; } else chars.push({ c: s[i++]!, escaped: false });
     }
     i++;
     const t = type.trim().toUpperCase();
     if (!BY_SHORT.has(t)) throw new HallmarkError('BAD_REQUEST', `bad distinguished name: unknown attribute ${JSON.stringify(type.trim())}`);
-    const v = value.trim();
+    let a = 0;
+    let b = chars.length;
+    while (a < b && !chars[a]!.escaped && /\s/.test(chars[a]!.c)) a++;
+    while (b > a && !chars[b - 1]!.escaped && /\s/.test(chars[b - 1]!.c)) b--;
+    const v = chars.slice(a, b).map((x) => x.c).join('');
     if (!v) throw new HallmarkError('BAD_REQUEST', `bad distinguished name: empty ${t}`);
     out.push({ type: t, value: v });
   }

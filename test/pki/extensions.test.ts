@@ -102,3 +102,11 @@ describe('nameConstraints', () => {
     assert.equal(EXT.nameConstraints, '2.5.29.30');
   });
 });
+
+import { test as zoneTest } from 'node:test';
+import assertZone from 'node:assert/strict';
+import { subjectAltName as sanForZone } from '../../src/pki/extensions.js';
+
+zoneTest('an IPv6 address with a zone id is refused (the zone was silently dropped)', () => {
+  assertZone.throws(() => sanForZone({ ip: ['fe80::1%eth0'] }), { code: 'BAD_REQUEST' });
+});

@@ -148,3 +148,14 @@ describe('decoding names written by others', () => {
     }
   });
 });
+
+import { test as regression } from 'node:test';
+import assertStrict from 'node:assert/strict';
+import { encodeNameString as encodeForRegression, nameToString as nameToStringForRegression, parseNameString as parseForRegression } from '../../src/pki/names.js';
+
+regression('escaped leading and trailing spaces are kept (were trimmed, so a name did not round-trip)', () => {
+  assertStrict.deepEqual(parseForRegression('CN=\\ x\\ ,O=Acme'), [{ type: 'CN', value: ' x ' }, { type: 'O', value: 'Acme' }]);
+  assertStrict.deepEqual(parseForRegression('CN=  x  '), [{ type: 'CN', value: 'x' }]);
+  const text = nameToStringForRegression(encodeForRegression('CN=\\ padded\\ '));
+  assertStrict.deepEqual(parseForRegression(text), [{ type: 'CN', value: ' padded ' }]);
+});
