@@ -11,7 +11,7 @@ import { FileKeyBackend } from '../keys/file-backend.js';
 import type { KeyBackend } from '../keys/key-backend.js';
 import { openPkcs11 } from '../keys/open-backend.js';
 import { parseKeyAlgorithm, type KeyAlgorithm } from '../pki/algorithms.js';
-import { keyIdentifier } from '../pki/extensions.js';
+import { generalNames, keyIdentifier } from '../pki/extensions.js';
 import { nameToString } from '../pki/names.js';
 import { encodePem } from '../pki/pem.js';
 import { Store, nowIso } from '../store/database.js';
@@ -59,11 +59,13 @@ export async function initAuthority(options: InitOptions): Promise<InitResult> {
   const homeExisted = existsSync(options.home);
   const rootExisted = existsSync(options.rootDir);
   const issuingCaName = options.issuingCaName ?? 'issuing-1';
+  generalNames({ dns: options.tlsDnsNames ?? [], ip: options.tlsIpAddresses ?? [] }); // throws BAD_REQUEST on a bad name
 
   let fileKeys: FileKeyBackend | undefined;
   let caKeys: KeyBackend | undefined;
   let root: OfflineRoot | undefined;
   let store: Store | undefined;
+  let storeWasEmpty = false;
   try {
     await mkdir(options.home, { recursive: true, mode: 0o700 });
     fileKeys = await FileKeyBackend.create(join(options.home, HOME_FILES.keys), options.passphrase);
@@ -79,7 +81,9 @@ export async function initAuthority(options: InitOptions): Promise<InitResult> {
 
     store = await Store.open({ url: databaseUrl(options.home) });
     const existing = await store.db.selectFrom('certificate_authorities').select('id').limit(1).executeTakeFirst();
-    if (existing) throw new HallmarkError('ALREADY_INITIALISED', `the database ${store.describe()} already holds an authority`);
+    const existingAudit = await store.db.selectFrom('audit_log').select('seq').limit(1).executeTakeFirst();
+    if (existing || existingAudit) throw new HallmarkError('ALREADY_INITIALISED', `the database ${store.describe()} already holds an authority`);
+    storeWasEmpty = true;
 
     const tlsKey = await fileKeys.generateKey('hallmark-tls-server', 'ecdsa-p256');
     const config: HomeConfig = {
@@ -127,7 +131,16 @@ export async function initAuthority(options: InitOptions): Promise<InitResult> {
     await saveHomeConfig(options.home, config);
     return { home: options.home, rootDir: options.rootDir, rootSubject: nameToString(rootCert.subject), issuingCa: issuingCaName };
   } catch (err) {
-    // Leave nothing half-made behind: a failed init changes nothing.
+    // Leave nothing half-made behind: a failed init changes nothing. The database was empty when
+    // this init began (checked above), so what it holds now is this init's own partial work.
+    if (store && storeWasEmpty) {
+      const db = store.db;
+      await db.transaction().execute(async (trx) => {
+        for (const table of ['certificates', 'api_tokens', 'audit_log'] as const) await trx.deleteFrom(table).execute();
+        await trx.updateTable('certificate_authorities').set({ parent_id: null }).execute();
+        await trx.deleteFrom('certificate_authorities').execute();
+      }).catch(() => {});
+    }
     await store?.close().catch(() => {});
     store = undefined;
     if (!homeExisted) await rm(options.home, { recursive: true, force: true });
