@@ -12,7 +12,7 @@ import { openCaBackend } from '../keys/open-backend.js';
 import { parseKeyAlgorithm, publicKeyFromSpki, SCHEME_BY_OID, signingSchemeFor, type KeyAlgorithm } from '../pki/algorithms.js';
 import { parseCertificate, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
 import { createCsrWith, parseCsr, verifyCsr } from '../pki/csr.js';
-import { keyIdentifier, decodeBasicConstraints, EXT, type AltNames } from '../pki/extensions.js';
+import { keyIdentifier, decodeBasicConstraints, decodeKeyUsage, EXT, type AltNames } from '../pki/extensions.js';
 import { encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
@@ -253,6 +253,8 @@ export class Authority {
     const bcExt = cert.extensions.get(EXT.basicConstraints);
     const bc = bcExt ? decodeBasicConstraints(bcExt.value) : { ca: false };
     if (!bc.ca) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate is not a CA certificate');
+    const kuExt = cert.extensions.get(EXT.keyUsage);
+    if (!kuExt || !decodeKeyUsage(kuExt.value).includes('keyCertSign')) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate does not allow certificate signing (keyUsage keyCertSign)');
     if (cert.notAfter <= new Date()) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate has expired');
     const rootRow = await this.#caRow(rootName);
     const subjectText = nameToString(cert.subject);
