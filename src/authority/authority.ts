@@ -13,7 +13,7 @@ import { parseKeyAlgorithm, publicKeyFromSpki, SCHEME_BY_OID, signingSchemeFor, 
 import { parseCertificate, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
 import { createCsrWith, parseCsr, verifyCsr } from '../pki/csr.js';
 import { keyIdentifier, decodeBasicConstraints, decodeKeyUsage, EXT, type AltNames } from '../pki/extensions.js';
-import { encodeNameString, nameToString } from '../pki/names.js';
+import { encodeName, encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
 import { Store, nowIso } from '../store/database.js';
@@ -21,6 +21,10 @@ import type { CaRow, CaStatus } from '../store/schema.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
 import { profileByName } from './profiles.js';
+import { verifyIssuedBy } from '../pki/verify.js';
+export { verifyIssuedBy } from '../pki/verify.js';
+import { Registry } from '../registry/registry.js';
+import { registryFor } from '../registry/birth-certificates.js';
 import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
 export type { CaInfo } from './ca-directory.js';
 import type { Signer } from '../keys/key-backend.js';
@@ -67,6 +71,7 @@ export class Authority {
   readonly fileKeys: FileKeyBackend;
   readonly caKeys: KeyBackend;
   readonly directory: CaDirectory;
+  readonly registry: Registry;
   readonly #recorder: CertificateRecorder;
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
 
@@ -78,6 +83,7 @@ export class Authority {
     this.caKeys = caKeys;
     this.#recorder = new CertificateRecorder(store);
     this.directory = new CaDirectory(store, config);
+    this.registry = registryFor(store);
   }
 
   /** Opens an initialised home. Needs the passphrase (the key store is encrypted). */
@@ -185,6 +191,67 @@ export class Authority {
     }
   }
 
+  /**
+   * The device path: issues an operational certificate to a registered device. The registry decides:
+   * the device's state, its registered key (the CSR must carry it), its batch quota (checked before
+   * signing and taken atomically in the commit). Subject and identifiers come from the registry, never
+   * from the CSR. A refusal is audited (and counted per batch and line for quota).
+   */
+  async issueForDevice(request: { udid: string; csr: string | Buffer; actor: string }): Promise<IssuedCertificate> {
+    const device = await this.registry.deviceRow(request.udid);
+    const refuse = async (err: HallmarkError): Promise<never> => {
+      await this.registry.recordRefusedIssuance(device, err, request.actor);
+      throw err;
+    };
+    const batch = await this.store.db.selectFrom('batches').selectAll().where('id', '=', device.batch_id).executeTakeFirstOrThrow();
+    const product = await this.store.db.selectFrom('products').selectAll().where('id', '=', device.product_id).executeTakeFirstOrThrow();
+    const line = await this.store.db.selectFrom('lines').innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id').select(['lines.name', 'ca.name as ca']).where('lines.id', '=', device.line_id).executeTakeFirstOrThrow();
+    if (!['registered', 'provisioned', 'active'].includes(device.state)) return refuse(new HallmarkError('DEVICE_NOT_ELIGIBLE', `device ${device.udid} is ${device.state}: no certificate may be issued to it`));
+    const csr = parseCsr(decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
+    const key = await verifyCsr(csr);
+    if (!key.export({ type: 'spki', format: 'der' }).equals(Buffer.from(device.public_key_spki))) {
+      return refuse(new HallmarkError('KEY_MISMATCH', `the CSR key is not the key registered for device ${device.udid}`));
+    }
+    if (device.state === 'registered') {
+      if (batch.expires_at && new Date(batch.expires_at) <= new Date()) return refuse(new HallmarkError('BATCH_EXPIRED', `batch ${batch.id} expired at ${batch.expires_at}`));
+      if (Number(batch.issued_count) >= Number(batch.quota)) return refuse(new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities (line ${line.name})`));
+    }
+    const profile = profileByName(product.profile);
+    const issuer = await this.#issuer(line.ca);
+    const subjectAttributes = [
+      ...(device.serial_number ? [{ type: 'SERIALNUMBER', value: device.serial_number }] : []),
+      { type: 'CN', value: device.udid },
+      { type: 'OU', value: product.name },
+      { type: 'O', value: this.config.org },
+    ];
+    const subject = encodeName(subjectAttributes);
+    const uris = [`urn:hallmark:udid:${device.udid}`, ...(device.serial_number ? [`urn:hallmark:serial:${encodeURIComponent(device.serial_number)}`] : [])];
+    const signed = await signCertificate(issuer, {
+      profile, subject, subjectPublicKeyInfo: csr.subjectPublicKeyInfo, subjectKeyKind: subjectKeyKindOf(key),
+      validityDays: product.validity_days, altNames: profile.subjectAltName === 'none' ? undefined : { uri: uris },
+    });
+    const subjectText = nameToString(subject);
+    const fingerprint = sha256Fingerprint(signed.der);
+    try {
+      await this.store.writeTransaction(async (trx) => {
+        const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch);
+        await trx.insertInto('certificates').values({
+          issuer_id: issuer.row.id, serial: signed.serialHex, profile: profile.name, subject: subjectText, fingerprint_sha256: fingerprint,
+          not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid',
+          revoked_at: null, revocation_reason: null, requested_by: request.actor, created_at: nowIso(), device_udid: device.udid,
+        }).execute();
+        await appendAudit(trx, [{ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter) } }]);
+      });
+    } catch (err) {
+      if (err instanceof HallmarkError && (err.code === 'QUOTA_EXCEEDED' || err.code === 'DEVICE_NOT_ELIGIBLE')) return refuse(err);
+      throw err;
+    }
+    return {
+      serial: signed.serialHex, issuer: line.ca, profile: profile.name, subject: subjectText, notBefore: signed.parsed.notBefore, notAfter: signed.parsed.notAfter,
+      fingerprintSha256: fingerprint, der: signed.der, chain: issuer.chain,
+    };
+  }
+
   /** Issues a certificate for a key this authority holds itself (OCSP signer, TLS server). */
   async issueForOwnKey(options: { signer: Signer; profile: 'ocsp-signer' | 'tls-server'; subject: string; altNames?: AltNames; ca?: string; actor: string }): Promise<IssuedCertificate> {
     const issuerName = options.ca ?? this.config.defaultIssuer;
@@ -281,15 +348,6 @@ export class Authority {
   async audit(events: readonly AuditEvent[]): Promise<void> {
     await this.store.writeTransaction((trx) => appendAudit(trx, events));
   }
-}
-
-/** Checks that `cert` names `issuer` as issuer and carries a valid signature by its key. */
-export function verifyIssuedBy(cert: ParsedCertificate, issuer: ParsedCertificate): void {
-  if (!cert.issuer.equals(issuer.subject)) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate was not issued by this CA (issuer name differs)');
-  const scheme = SCHEME_BY_OID.get(cert.signatureAlgorithmOid);
-  if (!scheme) throw new HallmarkError('UNSUPPORTED_ALGORITHM', `unsupported signature algorithm ${cert.signatureAlgorithmOid}`);
-  const ok = cryptoVerify(scheme.hash, cert.tbs, publicKeyFromSpki(issuer.subjectPublicKeyInfo), cert.signature);
-  if (!ok) throw new HallmarkError('CA_CERT_MISMATCH', 'the certificate signature does not verify with the CA key');
 }
 
 /** A CSR signed through a Signer (the key may live in a token and never be exported). */

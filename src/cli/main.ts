@@ -9,10 +9,16 @@ import { rootSignCommand } from './commands/root.js';
 import { serveCommand } from './commands/serve.js';
 import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
 import { UsageError, parse, type Command } from './io.js';
+import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListCommand, productCreateCommand, productListCommand } from './commands/registry.js';
+import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, deviceResumeCommand, deviceShowCommand, deviceSuspendCommand, deviceTransferCommand } from './commands/device.js';
+import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
   issueCommand, tokenCreateCommand, tokenListCommand, tokenRevokeCommand, auditVerifyCommand, auditListCommand, serveCommand,
+  productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
+  deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
+  vendorAddCommand, vendorListCommand,
 ];
 
 function overview(): string {

@@ -79,6 +79,76 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         for (const t of ['api_tokens', 'audit_log', 'certificates', 'certificate_authorities']) await db.schema.dropTable(t).execute();
       },
     },
+    '0002_registry': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.createTable('tenants')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .execute();
+        await autoId(db, 'products')
+          .addColumn('name', 'text', (c) => c.notNull().unique())
+          .addColumn('profile', 'text', (c) => c.notNull())
+          .addColumn('validity_days', 'integer', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .execute();
+        await autoId(db, 'lines')
+          .addColumn('name', 'text', (c) => c.notNull().unique())
+          .addColumn('ca_id', 'integer', (c) => c.notNull().references('certificate_authorities.id'))
+          .addColumn('refused_issuances', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema.createTable('batches')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('product_id', 'integer', (c) => c.notNull().references('products.id'))
+          .addColumn('line_id', 'integer', (c) => c.notNull().references('lines.id'))
+          .addColumn('quota', 'integer', (c) => c.notNull().check(sql`quota >= 0`))
+          // Devices of this batch that ever received an operational identity; never above quota.
+          .addColumn('issued_count', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('refused_count', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('allow_unregistered', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('expires_at', 'text')
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addCheckConstraint('batches_quota_cap', sql`issued_count <= quota`)
+          .execute();
+        await autoId(db, 'vendors')
+          .addColumn('name', 'text', (c) => c.notNull().unique())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .execute();
+        await autoId(db, 'vendor_cas')
+          .addColumn('vendor_id', 'integer', (c) => c.notNull().references('vendors.id'))
+          .addColumn('subject', 'text', (c) => c.notNull())
+          .addColumn('fingerprint_sha256', 'text', (c) => c.notNull().unique())
+          .addColumn('der', binary, (c) => c.notNull())
+          .addColumn('not_after', 'text', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema.createTable('devices')
+          .addColumn('udid', 'text', (c) => c.primaryKey())
+          .addColumn('public_key_spki', binary, (c) => c.notNull())
+          // SHA-256 of the SPKI DER: the clone check (one key, one device) is this unique constraint.
+          .addColumn('public_key_sha256', 'text', (c) => c.notNull().unique())
+          .addColumn('serial_number', 'text')
+          .addColumn('product_id', 'integer', (c) => c.notNull().references('products.id'))
+          .addColumn('line_id', 'integer', (c) => c.notNull().references('lines.id'))
+          .addColumn('batch_id', 'text', (c) => c.notNull().references('batches.id'))
+          .addColumn('tenant', 'text', (c) => c.notNull().references('tenants.name'))
+          .addColumn('birth_cert_der', binary)
+          .addColumn('state', 'text', (c) => c.notNull().check(sql`state in ('registered', 'provisioned', 'active', 'suspended', 'revoked', 'decommissioned')`))
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'text', (c) => c.notNull())
+          .addColumn('provisioned_at', 'text')
+          .execute();
+        await db.schema.createIndex('devices_batch').on('devices').columns(['batch_id', 'udid']).execute();
+        await db.schema.createIndex('devices_state').on('devices').columns(['state', 'udid']).execute();
+        await db.schema.alterTable('certificates').addColumn('device_udid', 'text').execute();
+        await db.schema.createIndex('certificates_device').on('certificates').column('device_udid').execute();
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.dropIndex('certificates_device').execute();
+        await db.schema.alterTable('certificates').dropColumn('device_udid').execute();
+        for (const t of ['devices', 'vendor_cas', 'vendors', 'batches', 'lines', 'products', 'tenants']) await db.schema.dropTable(t).execute();
+      },
+    },
   };
 }
 

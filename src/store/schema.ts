@@ -44,6 +44,8 @@ export interface CertificatesTable {
   revocation_reason: string | null;
   requested_by: string;
   created_at: string;
+  /** The registry device this certificate identifies, when it is a device certificate. */
+  device_udid: string | null;
 }
 
 export interface AuditLogTable {
@@ -69,12 +71,82 @@ export interface ApiTokensTable {
   last_used_at: string | null;
 }
 
+export type DeviceState = 'registered' | 'provisioned' | 'active' | 'suspended' | 'revoked' | 'decommissioned';
+
+export interface TenantsTable { name: string; created_at: string }
+
+export interface ProductsTable {
+  id: Generated<number>;
+  name: string;
+  profile: string;
+  validity_days: number;
+  created_at: string;
+}
+
+export interface LinesTable {
+  id: Generated<number>;
+  name: string;
+  ca_id: number;
+  refused_issuances: Generated<number>;
+  created_at: string;
+}
+
+export interface BatchesTable {
+  id: string;
+  product_id: number;
+  line_id: number;
+  quota: number;
+  issued_count: Generated<number>;
+  refused_count: Generated<number>;
+  allow_unregistered: Generated<number>;
+  expires_at: string | null;
+  created_at: string;
+}
+
+export interface VendorsTable { id: Generated<number>; name: string; created_at: string }
+
+export interface VendorCasTable {
+  id: Generated<number>;
+  vendor_id: number;
+  subject: string;
+  fingerprint_sha256: string;
+  der: Buffer;
+  not_after: string;
+  created_at: string;
+}
+
+export interface DevicesTable {
+  udid: string;
+  public_key_spki: Buffer;
+  public_key_sha256: string;
+  serial_number: string | null;
+  product_id: number;
+  line_id: number;
+  batch_id: string;
+  tenant: string;
+  birth_cert_der: Buffer | null;
+  state: DeviceState;
+  created_at: string;
+  updated_at: string;
+  provisioned_at: string | null;
+}
+
 export interface Database {
   certificate_authorities: CertificateAuthoritiesTable;
   certificates: CertificatesTable;
   audit_log: AuditLogTable;
   api_tokens: ApiTokensTable;
+  tenants: TenantsTable;
+  products: ProductsTable;
+  lines: LinesTable;
+  batches: BatchesTable;
+  vendors: VendorsTable;
+  vendor_cas: VendorCasTable;
+  devices: DevicesTable;
 }
+
+export type DeviceRow = Selectable<DevicesTable>;
+export type BatchRow = Selectable<BatchesTable>;
 
 export type CaRow = Selectable<CertificateAuthoritiesTable>;
 export type NewCaRow = Insertable<CertificateAuthoritiesTable>;

@@ -1,0 +1,129 @@
+import { HallmarkError } from '../../errors.js';
+import { parseDuration } from '../../authority/tokens.js';
+import { Registry } from '../../registry/registry.js';
+import { withAuthority, withStoreOnly } from '../context.js';
+import { actor, flag, info, intOption, out, required, str, table, type Command } from '../io.js';
+
+function parseValidity(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const ms = parseDuration(text);
+  if (ms % 86_400_000) throw new HallmarkError('BAD_DURATION', 'a certificate validity is given in whole days (90d, 2y)');
+  return ms / 86_400_000;
+}
+
+export const productCreateCommand: Command = {
+  name: 'product create',
+  summary: 'define a product (what is built) and its certificate profile',
+  usage: 'Usage: hallmark product create NAME [--profile device|tls-server] [--validity 1y] [--home DIR]',
+  allowPositionals: true,
+  options: { profile: { type: 'string' }, validity: { type: 'string' } },
+  async run(args) {
+    const name = args.positionals[0];
+    if (!name || args.positionals.length > 1) throw new HallmarkError('BAD_REQUEST', `give one product name\n${this.usage}`);
+    const validityDays = parseValidity(str(args, 'validity'));
+    return withStoreOnly(args, async (ctx) => {
+      await new Registry(ctx.store).createProduct({ name, profile: str(args, 'profile'), validityDays, actor: actor() });
+      out(`Created product ${name}`);
+      return 0;
+    });
+  },
+};
+
+export const productListCommand: Command = {
+  name: 'product list',
+  summary: 'list products',
+  usage: 'Usage: hallmark product list [--json] [--home DIR]',
+  options: { json: { type: 'boolean' } },
+  async run(args) {
+    return withStoreOnly(args, async (ctx) => {
+      const products = await new Registry(ctx.store).listProducts();
+      out(flag(args, 'json') ? JSON.stringify(products, null, 2) : table(['NAME', 'PROFILE', 'VALIDITY (DAYS)', 'CREATED'], products.map((p) => [p.name, p.profile, String(p.validityDays), p.createdAt])));
+      return 0;
+    });
+  },
+};
+
+export const lineCreateCommand: Command = {
+  name: 'line create',
+  summary: 'define a production line with its own issuing CA',
+  usage: `Usage: hallmark line create NAME [--ca CA_NAME] [--key-algorithm ALG] [--home DIR]
+
+Without --ca, a new intermediate CA "line-NAME" is requested for the line (its key made in the key
+backend) and the offline ceremony finishes it: hallmark root sign ... then hallmark ca install.
+Devices of the line can be issued certificates once that CA is active. With --ca, the line issues
+under an existing intermediate CA.`,
+  allowPositionals: true,
+  options: { ca: { type: 'string' }, 'key-algorithm': { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  async run(args) {
+    const name = args.positionals[0];
+    if (!name || args.positionals.length > 1) throw new HallmarkError('BAD_REQUEST', `give one line name\n${this.usage}`);
+    const existing = str(args, 'ca');
+    if (existing) {
+      return withStoreOnly(args, async (ctx) => {
+        await new Registry(ctx.store).createLine({ name, ca: existing, actor: actor() });
+        out(`Created line ${name}, issuing under CA ${existing}`);
+        return 0;
+      });
+    }
+    return withAuthority(args, async (authority) => {
+      const caName = `line-${name}`;
+      const { path } = await authority.requestCa({ name: caName, algorithm: str(args, 'key-algorithm'), actor: actor() });
+      await authority.registry.createLine({ name, ca: caName, actor: actor() });
+      out(`Created line ${name}; its CA ${caName} waits for the root ceremony.`);
+      info(`Next, offline: hallmark root sign --root-dir DIR --csr ${path} --out ${caName}.pem\nthen: hallmark ca install --cert ${caName}.pem`);
+      return 0;
+    });
+  },
+};
+
+export const lineListCommand: Command = {
+  name: 'line list',
+  summary: 'list production lines, their CAs and refused (over-quota) issuances',
+  usage: 'Usage: hallmark line list [--json] [--home DIR]',
+  options: { json: { type: 'boolean' } },
+  async run(args) {
+    return withStoreOnly(args, async (ctx) => {
+      const lines = await new Registry(ctx.store).listLines();
+      out(flag(args, 'json') ? JSON.stringify(lines, null, 2) : table(['NAME', 'CA', 'CA STATUS', 'REFUSED ISSUANCES', 'CREATED'], lines.map((l) => [l.name, l.ca, l.caStatus, String(l.refusedIssuances), l.createdAt])));
+      return 0;
+    });
+  },
+};
+
+export const batchCreateCommand: Command = {
+  name: 'batch create',
+  summary: 'open a counted batch of devices on a line (prints the batch id)',
+  usage: `Usage: hallmark batch create --product NAME --line NAME --quota N [--expires DATE] [--allow-unregistered] [--home DIR]
+
+The quota caps how many devices of the batch may ever receive an operational identity.`,
+  options: { product: { type: 'string' }, line: { type: 'string' }, quota: { type: 'string' }, expires: { type: 'string' }, 'allow-unregistered': { type: 'boolean' } },
+  async run(args) {
+    const product = required(args, 'product', this.usage);
+    const line = required(args, 'line', this.usage);
+    const quota = intOption(args, 'quota');
+    if (quota === undefined) throw new HallmarkError('BAD_REQUEST', `--quota is required\n${this.usage}`);
+    const expiresText = str(args, 'expires');
+    const expiresAt = expiresText ? new Date(expiresText) : undefined;
+    if (expiresAt && Number.isNaN(expiresAt.getTime())) throw new HallmarkError('BAD_REQUEST', `--expires is not a date: ${expiresText}`);
+    return withStoreOnly(args, async (ctx) => {
+      const id = await new Registry(ctx.store).createBatch({ product, line, quota, expiresAt, allowUnregistered: flag(args, 'allow-unregistered'), actor: actor() });
+      out(id);
+      return 0;
+    });
+  },
+};
+
+export const batchListCommand: Command = {
+  name: 'batch list',
+  summary: 'list batches with quota, issued, refused and registered counts',
+  usage: 'Usage: hallmark batch list [--json] [--home DIR]',
+  options: { json: { type: 'boolean' } },
+  async run(args) {
+    return withStoreOnly(args, async (ctx) => {
+      const batches = await new Registry(ctx.store).listBatches();
+      out(flag(args, 'json') ? JSON.stringify(batches, null, 2) : table(['ID', 'PRODUCT', 'LINE', 'QUOTA', 'ISSUED', 'REFUSED', 'REGISTERED', 'EXPIRES'],
+        batches.map((b) => [b.id, b.product, b.line, String(b.quota), String(b.issued), String(b.refused), String(b.registered), b.expiresAt ?? '-'])));
+      return 0;
+    });
+  },
+};

@@ -1,0 +1,428 @@
+// The device registry: products, production lines, batches (the unit of quota), tenants and
+// devices with their hardware keys. It decides who may become a device; the authority asks it
+// before anything is signed. Every change is an audit entry in the same transaction.
+
+import { createHash, randomBytes } from 'node:crypto';
+import type { Transaction } from 'kysely';
+import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
+import { HallmarkError } from '../errors.js';
+import { publicKeyFromSpki } from '../pki/algorithms.js';
+import { Store, nowIso } from '../store/database.js';
+import type { BatchRow, Database, DeviceRow, DeviceState } from '../store/schema.js';
+import { profileByName } from '../authority/profiles.js';
+
+export const DEFAULT_TENANT = 'default';
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+// At most 32 bytes: the default UDID (SHA-256) fits a certificate's CN (64 characters).
+const UDID = /^[0-9a-f]{2,64}$/;
+
+export function checkName(kind: string, name: string): string {
+  if (!NAME.test(name)) throw new HallmarkError('BAD_REQUEST', `${kind} names are 1-63 letters, digits, dot, dash or underscore: ${JSON.stringify(name)}`);
+  return name;
+}
+
+/** Default UDID: hex SHA-256 of the SPKI DER of the hardware key. */
+export function udidOfKey(spki: Buffer): string {
+  return createHash('sha256').update(spki).digest('hex');
+}
+
+export function normaliseUdid(udid: string): string {
+  const u = udid.toLowerCase().replace(/[:\s-]/g, '');
+  if (!UDID.test(u) || u.length % 2) throw new HallmarkError('BAD_REQUEST', `a UDID is 1-32 bytes of hex: ${JSON.stringify(udid)}`);
+  return u;
+}
+
+/** Allowed state changes (DESIGN.md): suspend/resume only between active-ish states; revoke/decommission from anywhere. */
+const TRANSITIONS: Readonly<Record<'suspend' | 'resume' | 'decommission' | 'revoke', { from: readonly DeviceState[]; to: DeviceState }>> = {
+  suspend: { from: ['provisioned', 'active'], to: 'suspended' },
+  resume: { from: ['suspended'], to: 'active' },
+  revoke: { from: ['registered', 'provisioned', 'active', 'suspended'], to: 'revoked' },
+  decommission: { from: ['registered', 'provisioned', 'active', 'suspended', 'revoked'], to: 'decommissioned' },
+};
+export type DeviceAction = keyof typeof TRANSITIONS;
+
+export interface DeviceInfo {
+  readonly udid: string;
+  readonly serialNumber: string | null;
+  readonly state: DeviceState;
+  readonly product: string;
+  readonly line: string;
+  readonly batch: string;
+  readonly tenant: string;
+  readonly publicKeySha256: string;
+  readonly hasBirthCertificate: boolean;
+  readonly createdAt: string;
+  readonly updatedAt: string;
+  readonly provisionedAt: string | null;
+}
+
+export interface BatchInfo {
+  readonly id: string;
+  readonly product: string;
+  readonly line: string;
+  readonly quota: number;
+  readonly issued: number;
+  readonly refused: number;
+  readonly registered: number;
+  readonly allowUnregistered: boolean;
+  readonly expiresAt: string | null;
+  readonly createdAt: string;
+}
+
+/** A device to register; the public key is SPKI DER. */
+export interface DeviceRegistration {
+  readonly publicKeySpki: Buffer;
+  readonly udid?: string;
+  readonly serialNumber?: string;
+  readonly birthCertificate?: Buffer;
+  /** Intermediate certificates between the birth certificate and a vendor CA (e.g. a manifest's x5c). */
+  readonly birthCertificateChain?: readonly Buffer[];
+  readonly tenant?: string;
+}
+
+export type RegistrationOutcome = 'registered' | 'unchanged' | 're-registered';
+
+/** Verifies a birth certificate for a device key; provided by birth-certificates.ts. */
+export type BirthCertificateCheck = (trx: Transaction<Database>, certificate: Buffer, publicKeySpki: Buffer, at: Date, intermediates: readonly Buffer[]) => Promise<void>;
+
+export class Registry {
+  readonly store: Store;
+  readonly #birthCheck?: BirthCertificateCheck;
+
+  constructor(store: Store, birthCheck?: BirthCertificateCheck) {
+    this.store = store;
+    this.#birthCheck = birthCheck;
+  }
+
+  /** Records a refusal (clone, quota) in the audit log after the refused transaction rolled back. */
+  async #auditRefusal(event: AuditEvent, counter?: (trx: Transaction<Database>) => Promise<void>): Promise<void> {
+    await this.store.writeTransaction(async (trx) => {
+      if (counter) await counter(trx);
+      await appendAudit(trx, [event]);
+    });
+  }
+
+  // ------------------------------------------------------------ products, lines, batches, tenants
+
+  async createProduct(options: { name: string; profile?: string; validityDays?: number; actor: string }): Promise<void> {
+    const name = checkName('product', options.name);
+    const profile = profileByName(options.profile ?? 'device');
+    if (profile.ca) throw new HallmarkError('PROFILE_VIOLATION', 'a product profile cannot be a CA profile');
+    const days = options.validityDays ?? profile.defaultValidityDays;
+    if (!Number.isInteger(days) || days < 1 || days > profile.maxValidityDays) throw new HallmarkError('PROFILE_VIOLATION', `validity must be 1..${profile.maxValidityDays} days for profile ${profile.name}`);
+    await this.store.writeTransaction(async (trx) => {
+      if (await trx.selectFrom('products').select('id').where('name', '=', name).executeTakeFirst()) throw new HallmarkError('ALREADY_EXISTS', `product ${name} already exists`);
+      await trx.insertInto('products').values({ name, profile: profile.name, validity_days: days, created_at: nowIso() }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'product.create', target: name, details: { profile: profile.name, validityDays: days } }]);
+    });
+  }
+
+  async listProducts(): Promise<{ name: string; profile: string; validityDays: number; createdAt: string }[]> {
+    const rows = await this.store.db.selectFrom('products').selectAll().orderBy('name').execute();
+    return rows.map((r) => ({ name: r.name, profile: r.profile, validityDays: r.validity_days, createdAt: r.created_at }));
+  }
+
+  async createLine(options: { name: string; ca: string; actor: string }): Promise<void> {
+    const name = checkName('line', options.name);
+    await this.store.writeTransaction(async (trx) => {
+      if (await trx.selectFrom('lines').select('id').where('name', '=', name).executeTakeFirst()) throw new HallmarkError('ALREADY_EXISTS', `line ${name} already exists`);
+      const ca = await trx.selectFrom('certificate_authorities').select(['id', 'role', 'status']).where('name', '=', options.ca).executeTakeFirst();
+      if (!ca) throw new HallmarkError('CA_NOT_FOUND', `no CA named ${options.ca}`);
+      if (ca.role === 'root') throw new HallmarkError('CA_NOT_ACTIVE', 'a line issues under an intermediate CA, never the offline root');
+      await trx.insertInto('lines').values({ name, ca_id: ca.id, created_at: nowIso() }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'line.create', target: name, details: { ca: options.ca, caStatus: ca.status } }]);
+    });
+  }
+
+  async listLines(): Promise<{ name: string; ca: string; caStatus: string; refusedIssuances: number; createdAt: string }[]> {
+    const rows = await this.store.db.selectFrom('lines').innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id')
+      .select(['lines.name', 'ca.name as ca', 'ca.status as caStatus', 'lines.refused_issuances', 'lines.created_at']).orderBy('lines.name').execute();
+    return rows.map((r) => ({ name: r.name, ca: r.ca, caStatus: r.caStatus, refusedIssuances: Number(r.refused_issuances), createdAt: r.created_at }));
+  }
+
+  async createBatch(options: { product: string; line: string; quota: number; expiresAt?: Date; allowUnregistered?: boolean; actor: string }): Promise<string> {
+    if (!Number.isInteger(options.quota) || options.quota < 0 || options.quota > 100_000_000) throw new HallmarkError('BAD_REQUEST', 'the quota must be a whole number from 0 to 100,000,000');
+    if (options.expiresAt && options.expiresAt <= new Date()) throw new HallmarkError('BAD_REQUEST', 'the batch expiry must be in the future');
+    const id = `b-${randomBytes(6).toString('hex')}`;
+    await this.store.writeTransaction(async (trx) => {
+      const product = await trx.selectFrom('products').select('id').where('name', '=', options.product).executeTakeFirst();
+      if (!product) throw new HallmarkError('PRODUCT_NOT_FOUND', `no product named ${options.product}`);
+      const line = await trx.selectFrom('lines').select('id').where('name', '=', options.line).executeTakeFirst();
+      if (!line) throw new HallmarkError('LINE_NOT_FOUND', `no line named ${options.line}`);
+      await trx.insertInto('batches').values({
+        id, product_id: product.id, line_id: line.id, quota: options.quota, allow_unregistered: options.allowUnregistered ? 1 : 0,
+        expires_at: options.expiresAt ? nowIso(options.expiresAt) : null, created_at: nowIso(),
+      }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'batch.create', target: id, details: { product: options.product, line: options.line, quota: options.quota, expiresAt: options.expiresAt?.toISOString() ?? null } }]);
+    });
+    return id;
+  }
+
+  async batch(id: string): Promise<BatchInfo> {
+    const rows = await this.#batchQuery().where('batches.id', '=', id).execute();
+    if (!rows[0]) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${JSON.stringify(id)}`);
+    return this.#batchInfo(rows[0]);
+  }
+
+  async listBatches(): Promise<BatchInfo[]> {
+    return (await this.#batchQuery().orderBy('batches.created_at').execute()).map((r) => this.#batchInfo(r));
+  }
+
+  #batchQuery() {
+    return this.store.db.selectFrom('batches')
+      .innerJoin('products', 'products.id', 'batches.product_id')
+      .innerJoin('lines', 'lines.id', 'batches.line_id')
+      .select((eb) => [
+        'batches.id', 'products.name as product', 'lines.name as line', 'batches.quota', 'batches.issued_count', 'batches.refused_count',
+        'batches.allow_unregistered', 'batches.expires_at', 'batches.created_at',
+        eb.selectFrom('devices').select((e) => e.fn.countAll<number>().as('n')).whereRef('devices.batch_id', '=', 'batches.id').as('registered'),
+      ]);
+  }
+
+  #batchInfo(r: { id: string; product: string; line: string; quota: number; issued_count: number; refused_count: number; allow_unregistered: number; expires_at: string | null; created_at: string; registered: number | null }): BatchInfo {
+    return {
+      id: r.id, product: r.product, line: r.line, quota: Number(r.quota), issued: Number(r.issued_count), refused: Number(r.refused_count),
+      registered: Number(r.registered ?? 0), allowUnregistered: Number(r.allow_unregistered) === 1, expiresAt: r.expires_at, createdAt: r.created_at,
+    };
+  }
+
+  async #ensureTenant(trx: Transaction<Database>, tenant: string): Promise<void> {
+    checkName('tenant', tenant);
+    const exists = await trx.selectFrom('tenants').select('name').where('name', '=', tenant).executeTakeFirst();
+    if (!exists) await trx.insertInto('tenants').values({ name: tenant, created_at: nowIso() }).execute();
+  }
+
+  // ------------------------------------------------------------ devices
+
+  /**
+   * Registers devices of one batch atomically: all or none. Re-registering a device exactly as it is
+   * (same UDID, key and batch) changes nothing, so imports are idempotent. A UDID or key already held by
+   * another device is a clone: the whole call is refused and the attempt audited with both batches.
+   */
+  async registerDevices(batchId: string, devices: readonly DeviceRegistration[], actor: string, source = 'device.register'): Promise<RegistrationOutcome[]> {
+    const prepared = devices.map((d, i) => prepareRegistration(d, i));
+    const seenUdid = new Map<string, number>();
+    const seenKey = new Map<string, number>();
+    for (const [i, d] of prepared.entries()) {
+      const dupU = seenUdid.get(d.udid);
+      const dupK = seenKey.get(d.keyHash);
+      if (dupU !== undefined || dupK !== undefined) throw new HallmarkError('CLONE_DETECTED', `entry ${i + 1}: the same ${dupU !== undefined ? 'UDID' : 'public key'} as entry ${(dupU ?? dupK)! + 1} of this input`);
+      seenUdid.set(d.udid, i);
+      seenKey.set(d.keyHash, i);
+    }
+    let clone: { event: AuditEvent; message: string } | undefined;
+    try {
+      return await this.store.writeTransaction(async (trx) => {
+        const batch = await trx.selectFrom('batches').selectAll().where('id', '=', batchId).executeTakeFirst();
+        if (!batch) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${JSON.stringify(batchId)}`);
+        if (batch.expires_at && new Date(batch.expires_at) <= new Date()) throw new HallmarkError('BATCH_EXPIRED', `batch ${batchId} expired at ${batch.expires_at}`);
+        const now = new Date();
+        const outcomes: RegistrationOutcome[] = [];
+        const inserts: Database['devices'][] = [];
+        const events: AuditEvent[] = [];
+        const tenants = new Set(prepared.map((d) => d.tenant));
+        for (const t of tenants) await this.#ensureTenant(trx, t);
+        // Look up existing holders of these UDIDs and keys in chunks (bound-parameter limits).
+        const existingByUdid = new Map<string, DeviceRow>();
+        const existingByKey = new Map<string, DeviceRow>();
+        for (let i = 0; i < prepared.length; i += 400) {
+          const chunk = prepared.slice(i, i + 400);
+          const rows = await trx.selectFrom('devices').selectAll()
+            .where((eb) => eb.or([eb('udid', 'in', chunk.map((d) => d.udid)), eb('public_key_sha256', 'in', chunk.map((d) => d.keyHash))])).execute();
+          for (const r of rows) { existingByUdid.set(r.udid, r); existingByKey.set(r.public_key_sha256, r); }
+        }
+        for (const [i, d] of prepared.entries()) {
+          const byUdid = existingByUdid.get(d.udid);
+          const byKey = existingByKey.get(d.keyHash);
+          const holder = byUdid ?? byKey;
+          if (holder) {
+            const same = holder.udid === d.udid && holder.public_key_sha256 === d.keyHash;
+            if (same && holder.batch_id === batchId && holder.state !== 'decommissioned') { outcomes.push('unchanged'); continue; }
+            if (same && holder.state === 'decommissioned') {
+              // Registered anew after end of life: back to "registered", in this batch.
+              if (d.birthCertificate && this.#birthCheck) await this.#birthCheck(trx, d.birthCertificate, d.publicKeySpki, now, d.birthCertificateChain);
+              await trx.updateTable('devices').set({ state: 'registered', batch_id: batchId, product_id: batch.product_id, line_id: batch.line_id, tenant: d.tenant, serial_number: d.serialNumber, birth_cert_der: d.birthCertificate ?? holder.birth_cert_der, updated_at: nowIso(), provisioned_at: null }).where('udid', '=', d.udid).execute();
+              events.push({ actor, action: 'device.reregister', target: d.udid, details: { batch: batchId, previousBatch: holder.batch_id } });
+              outcomes.push('re-registered');
+              continue;
+            }
+            const what = byUdid && byUdid.public_key_sha256 !== d.keyHash ? 'UDID is registered with a different key' : byKey && byKey.udid !== d.udid ? 'public key is registered under another UDID' : 'device is registered in another batch';
+            clone = {
+              message: `entry ${i + 1} (UDID ${d.udid}): ${what} (batch ${holder.batch_id}); refused as a possible clone`,
+              event: { actor, action: 'device.clone_refused', target: d.udid, details: { batch: batchId, existingBatch: holder.batch_id, existingUdid: holder.udid, reason: what, source } },
+            };
+            throw new HallmarkError('CLONE_DETECTED', clone.message);
+          }
+          if (d.birthCertificate) {
+            if (!this.#birthCheck) throw new HallmarkError('BIRTH_CERT_INVALID', 'no vendor trust store is configured to check birth certificates');
+            try {
+              await this.#birthCheck(trx, d.birthCertificate, d.publicKeySpki, now, d.birthCertificateChain);
+            } catch (err) {
+              if (err instanceof HallmarkError) throw new HallmarkError(err.code, `entry ${i + 1} (UDID ${d.udid}): ${err.message}`);
+              throw err;
+            }
+          }
+          const at = nowIso();
+          inserts.push({
+            udid: d.udid, public_key_spki: d.publicKeySpki, public_key_sha256: d.keyHash, serial_number: d.serialNumber, product_id: batch.product_id,
+            line_id: batch.line_id, batch_id: batchId, tenant: d.tenant, birth_cert_der: d.birthCertificate ?? null, state: 'registered',
+            created_at: at, updated_at: at, provisioned_at: null,
+          });
+          events.push({ actor, action: source, target: d.udid, details: { batch: batchId, serialNumber: d.serialNumber, tenant: d.tenant, birthCertificate: !!d.birthCertificate } });
+          outcomes.push('registered');
+        }
+        for (let i = 0; i < inserts.length; i += 200) await trx.insertInto('devices').values(inserts.slice(i, i + 200)).execute();
+        await appendAudit(trx, events);
+        return outcomes;
+      });
+    } catch (err) {
+      if (clone) await this.#auditRefusal(clone.event);
+      if (isUniqueViolation(err)) throw new HallmarkError('CLONE_DETECTED', 'a UDID or public key was registered concurrently by another device; refused as a possible clone', { cause: err });
+      throw err;
+    }
+  }
+
+  async registerDevice(batchId: string, device: DeviceRegistration, actor: string): Promise<DeviceInfo> {
+    const d = prepareRegistration(device, 0);
+    await this.registerDevices(batchId, [device], actor);
+    return this.device(d.udid);
+  }
+
+  async deviceRow(udid: string): Promise<DeviceRow> {
+    const row = await this.store.db.selectFrom('devices').selectAll().where('udid', '=', normaliseUdid(udid)).executeTakeFirst();
+    if (!row) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${udid}`);
+    return row;
+  }
+
+  async device(udid: string): Promise<DeviceInfo> {
+    const rows = await this.#deviceQuery().where('devices.udid', '=', normaliseUdid(udid)).execute();
+    if (!rows[0]) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${udid}`);
+    return deviceInfo(rows[0]);
+  }
+
+  /** Pages by UDID: pass the last UDID of a page as `after` to get the next. */
+  async listDevices(options: { batch?: string; state?: DeviceState; tenant?: string; after?: string; limit?: number } = {}): Promise<{ items: DeviceInfo[]; next: string | null }> {
+    const limit = Math.min(Math.max(options.limit ?? 100, 1), 1000);
+    let q = this.#deviceQuery();
+    if (options.batch) q = q.where('devices.batch_id', '=', options.batch);
+    if (options.state) q = q.where('devices.state', '=', options.state);
+    if (options.tenant) q = q.where('devices.tenant', '=', options.tenant);
+    if (options.after) q = q.where('devices.udid', '>', normaliseUdid(options.after));
+    const rows = await q.orderBy('devices.udid').limit(limit + 1).execute();
+    const items = rows.slice(0, limit).map(deviceInfo);
+    return { items, next: rows.length > limit ? items[items.length - 1]!.udid : null };
+  }
+
+  #deviceQuery() {
+    return this.store.db.selectFrom('devices')
+      .innerJoin('products', 'products.id', 'devices.product_id')
+      .innerJoin('lines', 'lines.id', 'devices.line_id')
+      .select(['devices.udid', 'devices.serial_number', 'devices.state', 'products.name as product', 'lines.name as line', 'devices.batch_id', 'devices.tenant',
+        'devices.public_key_sha256', 'devices.birth_cert_der', 'devices.created_at', 'devices.updated_at', 'devices.provisioned_at']);
+  }
+
+  async transfer(udid: string, tenant: string, actor: string): Promise<DeviceInfo> {
+    const u = normaliseUdid(udid);
+    checkName('tenant', tenant);
+    await this.store.writeTransaction(async (trx) => {
+      const row = await trx.selectFrom('devices').select(['tenant', 'state']).where('udid', '=', u).executeTakeFirst();
+      if (!row) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${udid}`);
+      if (row.state === 'decommissioned') throw new HallmarkError('ILLEGAL_TRANSITION', 'a decommissioned device cannot change owner');
+      if (row.tenant === tenant) throw new HallmarkError('ILLEGAL_TRANSITION', `the device already belongs to ${tenant}`);
+      await this.#ensureTenant(trx, tenant);
+      await trx.updateTable('devices').set({ tenant, updated_at: nowIso() }).where('udid', '=', u).execute();
+      await appendAudit(trx, [{ actor, action: 'device.transfer', target: u, details: { from: row.tenant, to: tenant } }]);
+    });
+    return this.device(u);
+  }
+
+  /** suspend / resume / revoke / decommission. Decommissioning and revoking mark the device's certificates revoked. */
+  async changeState(udid: string, action: DeviceAction, actor: string): Promise<DeviceInfo> {
+    const u = normaliseUdid(udid);
+    const rule = TRANSITIONS[action];
+    await this.store.writeTransaction(async (trx) => {
+      const row = await trx.selectFrom('devices').select(['state']).where('udid', '=', u).executeTakeFirst();
+      if (!row) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${udid}`);
+      if (!rule.from.includes(row.state)) throw new HallmarkError('ILLEGAL_TRANSITION', `cannot ${action} a device that is ${row.state} (allowed from: ${rule.from.join(', ')})`);
+      await trx.updateTable('devices').set({ state: rule.to, updated_at: nowIso() }).where('udid', '=', u).execute();
+      let revoked = 0;
+      if (action === 'decommission' || action === 'revoke') {
+        const r = await trx.updateTable('certificates').set({ status: 'revoked', revoked_at: nowIso(), revocation_reason: action === 'decommission' ? 'cessationOfOperation' : 'unspecified' })
+          .where('device_udid', '=', u).where('status', '=', 'valid').executeTakeFirst();
+        revoked = Number(r.numUpdatedRows);
+      }
+      await appendAudit(trx, [{ actor, action: `device.${action}`, target: u, details: { from: row.state, to: rule.to, certificatesRevoked: revoked } }]);
+    });
+    return this.device(u);
+  }
+
+  // ------------------------------------------------------------ issuance gate
+
+  /**
+   * Inside the issuance transaction: checks the device may receive a certificate and, for its first
+   * identity, takes one unit of its batch quota (atomically: the UPDATE only succeeds below quota).
+   * Returns what the caller must record. Throws QUOTA_EXCEEDED / DEVICE_NOT_ELIGIBLE.
+   */
+  static async reserveIssuance(trx: Transaction<Database>, device: DeviceRow, batch: BatchRow): Promise<{ firstIdentity: boolean }> {
+    const current = await trx.selectFrom('devices').select(['state', 'batch_id']).where('udid', '=', device.udid).executeTakeFirst();
+    if (!current || current.batch_id !== batch.id) throw new HallmarkError('DEVICE_NOT_ELIGIBLE', 'the device changed while its certificate was being made; try again');
+    if (!['registered', 'provisioned', 'active'].includes(current.state)) throw new HallmarkError('DEVICE_NOT_ELIGIBLE', `the device is ${current.state}`);
+    if (current.state !== 'registered') return { firstIdentity: false };
+    const r = await trx.updateTable('batches').set((eb) => ({ issued_count: eb('issued_count', '+', 1) })).where('id', '=', batch.id).where('issued_count', '<', batch.quota).executeTakeFirst();
+    if (Number(r.numUpdatedRows) !== 1) throw new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities`);
+    await trx.updateTable('devices').set({ state: 'provisioned', provisioned_at: nowIso(), updated_at: nowIso() }).where('udid', '=', device.udid).execute();
+    return { firstIdentity: true };
+  }
+
+  /** Audits a refused issuance and counts it on the batch and the line, so operators see which line tried. */
+  async recordRefusedIssuance(device: DeviceRow, reason: HallmarkError, actor: string): Promise<void> {
+    await this.#auditRefusal(
+      { actor, action: reason.code === 'QUOTA_EXCEEDED' ? 'issuance.quota_exceeded' : 'issuance.refused', target: device.udid, details: { batch: device.batch_id, code: reason.code, reason: reason.message } },
+      async (trx) => {
+        if (reason.code !== 'QUOTA_EXCEEDED') return;
+        await trx.updateTable('batches').set((eb) => ({ refused_count: eb('refused_count', '+', 1) })).where('id', '=', device.batch_id).execute();
+        await trx.updateTable('lines').set((eb) => ({ refused_issuances: eb('refused_issuances', '+', 1) })).where('id', '=', device.line_id).execute();
+      },
+    );
+  }
+}
+
+function deviceInfo(r: { udid: string; serial_number: string | null; state: DeviceState; product: string; line: string; batch_id: string; tenant: string; public_key_sha256: string; birth_cert_der: Buffer | null; created_at: string; updated_at: string; provisioned_at: string | null }): DeviceInfo {
+  return {
+    udid: r.udid, serialNumber: r.serial_number, state: r.state, product: r.product, line: r.line, batch: r.batch_id, tenant: r.tenant,
+    publicKeySha256: r.public_key_sha256, hasBirthCertificate: r.birth_cert_der !== null, createdAt: r.created_at, updatedAt: r.updated_at, provisionedAt: r.provisioned_at,
+  };
+}
+
+interface PreparedRegistration {
+  readonly udid: string;
+  readonly keyHash: string;
+  readonly publicKeySpki: Buffer;
+  readonly serialNumber: string | null;
+  readonly birthCertificate?: Buffer;
+  readonly birthCertificateChain: readonly Buffer[];
+  readonly tenant: string;
+}
+
+function prepareRegistration(d: DeviceRegistration, index: number): PreparedRegistration {
+  const where = `entry ${index + 1}`;
+  let key;
+  try {
+    key = publicKeyFromSpki(d.publicKeySpki);
+  } catch (err) {
+    throw new HallmarkError('UNSUPPORTED_ALGORITHM', `${where}: the public key cannot be read (${(err as Error).message})`);
+  }
+  if (!['ec', 'ed25519', 'rsa'].includes(key.asymmetricKeyType ?? '')) throw new HallmarkError('UNSUPPORTED_ALGORITHM', `${where}: unsupported key type ${key.asymmetricKeyType}`);
+  // Canonical SPKI (the same key always hashes the same, whatever encoding it came in).
+  const spki = key.export({ type: 'spki', format: 'der' });
+  const keyHash = udidOfKey(spki);
+  const udid = d.udid ? normaliseUdid(d.udid) : keyHash;
+  // It goes into the certificate subject as an X.520 serialNumber (a PrintableString).
+  if (d.serialNumber !== undefined && !/^[A-Za-z0-9 '()+,\-./:=?]{1,64}$/.test(d.serialNumber)) throw new HallmarkError('BAD_REQUEST', `${where}: the serial number must be 1-64 characters of A-Z a-z 0-9 space ' ( ) + , - . / : = ?`);
+  return { udid, keyHash, publicKeySpki: spki, serialNumber: d.serialNumber ?? null, birthCertificate: d.birthCertificate, birthCertificateChain: d.birthCertificateChain ?? [], tenant: d.tenant ?? DEFAULT_TENANT };
+}
+
+function isUniqueViolation(err: unknown): boolean {
+  const e = err as { code?: string; message?: string };
+  return e?.code === '23505' || /UNIQUE constraint failed/.test(e?.message ?? '');
+}
