@@ -13,6 +13,8 @@ export const SCOPES = {
   'certificates:read': 'look up issued certificates',
   'certificates:issue': 'issue certificates from CSRs',
   'audit:read': 'read and verify the audit log',
+  'registry:read': 'read products, lines, batches, devices and vendors',
+  'registry:write': 'create products, lines, batches; register, transfer, suspend, resume, decommission devices; trust vendors',
   'tokens:write': 'create and revoke API tokens',
 } as const;
 export type Scope = keyof typeof SCOPES;

@@ -9,6 +9,7 @@ import { SCOPES, authenticateToken, createToken, listTokens, parseDuration, pars
 import { ERROR_CODES, HallmarkError } from '../errors.js';
 import { normaliseSerialHex } from '../pki/certificate.js';
 import { encodePem } from '../pki/pem.js';
+import { registerRegistryApi } from './registry-api.js';
 
 declare module 'fastify' {
   interface FastifyRequest { principal?: Principal }
@@ -73,6 +74,8 @@ export async function registerAdminApi(app: FastifyInstance, authority: Authorit
     // Every token use is audited; state-changing routes record their own entry with this actor.
     if (request.method === 'GET') await authority.audit([{ actor: `token:${principal.tokenId}`, action: 'token.use', target: principal.tokenId, details: { route: `${request.method} ${request.routeOptions.url}` } }]);
   });
+
+  registerRegistryApi(app, authority);
 
   app.get('/api/v1/cas', {
     config: { scope: 'ca:read' },

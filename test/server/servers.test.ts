@@ -1,9 +1,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { request as httpsRequest } from 'node:https';
-import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { Authority } from '../../src/authority/authority.js';
 import { createToken } from '../../src/authority/tokens.js';
@@ -11,40 +9,7 @@ import { createLogger } from '../../src/log.js';
 import { decodeOne, encodePem } from '../../src/pki/pem.js';
 import { startServers, type RunningServers } from '../../src/server/servers.js';
 import { createTestAuthority, deviceCsr, type TestAuthority } from '../helpers/authority.js';
-
-function runWithInput(cmd: string, args: string[], input: string): Promise<{ stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    const timer = setTimeout(() => child.kill(), 10000);
-    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-    child.on('error', reject);
-    child.on('close', () => { clearTimeout(timer); resolve({ stdout, stderr }); });
-    child.stdin.end(input);
-  });
-}
-
-interface Reply { status: number; headers: Record<string, string | string[] | undefined>; body: string }
-
-function call(url: string, options: { method?: string; token?: string; body?: unknown; rawBody?: string; ca?: string; cert?: string; key?: string } = {}): Promise<Reply> {
-  return new Promise((resolve, reject) => {
-    const u = new URL(url);
-    const payload = options.rawBody ?? (options.body === undefined ? undefined : JSON.stringify(options.body));
-    const headers: Record<string, string> = {};
-    if (options.token) headers.authorization = `Bearer ${options.token}`;
-    if (payload !== undefined) headers['content-type'] = 'application/json';
-    const req = (u.protocol === 'https:' ? httpsRequest : httpRequest)(u, { method: options.method ?? 'GET', headers, ca: options.ca, cert: options.cert, key: options.key }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
-    });
-    req.on('error', reject);
-    if (payload !== undefined) req.write(payload);
-    req.end();
-  });
-}
+import { call, runWithInput } from '../helpers/http.js';
 
 describe('hallmark serve', () => {
   let t: TestAuthority;

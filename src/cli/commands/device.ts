@@ -1,28 +1,15 @@
 import { readFile } from 'node:fs/promises';
-import { createPublicKey } from 'node:crypto';
 import { HallmarkError } from '../../errors.js';
 import { Registry, type DeviceAction } from '../../registry/registry.js';
 import { registryFor } from '../../registry/birth-certificates.js';
 import type { DeviceState } from '../../store/schema.js';
 import { SIZE_LIMITS, decodeOne } from '../../pki/pem.js';
-import { parseCertificate } from '../../pki/certificate.js';
+import { publicKeyFromFile } from '../../pki/public-key.js';
 import { withStoreOnly } from '../context.js';
 import { actor, flag, intOption, out, required, str, table, type Command } from '../io.js';
 
 async function readInput(file: string): Promise<Buffer> {
   try { return await readFile(file); } catch { throw new HallmarkError('BAD_REQUEST', `cannot read ${file}`); }
-}
-
-/** A public key file: PEM/DER SPKI, or a certificate whose key is taken. */
-export function publicKeyFromFile(content: Buffer): Buffer {
-  const text = content.toString('utf8');
-  if (text.includes('BEGIN CERTIFICATE')) return parseCertificate(decodeOne(content, ['CERTIFICATE'], SIZE_LIMITS.certificate)).subjectPublicKeyInfo;
-  const der = decodeOne(content, ['PUBLIC KEY'], SIZE_LIMITS.certificate);
-  try {
-    return createPublicKey({ key: der, format: 'der', type: 'spki' }).export({ type: 'spki', format: 'der' });
-  } catch {
-    throw new HallmarkError('BAD_DER', 'the public key file holds no SubjectPublicKeyInfo');
-  }
 }
 
 export const deviceRegisterCommand: Command = {

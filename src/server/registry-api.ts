@@ -1,0 +1,149 @@
+// Registry routes of the admin API: products, lines, batches, devices, vendors, device issuance.
+// Parse and render only: the Registry and the Authority decide.
+
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { Authority } from '../authority/authority.js';
+import { addVendorCa, listVendorCas } from '../registry/birth-certificates.js';
+import type { DeviceAction } from '../registry/registry.js';
+import { publicKeyFromFile } from '../pki/public-key.js';
+import { HallmarkError } from '../errors.js';
+import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
+import type { DeviceState } from '../store/schema.js';
+
+const err = { type: 'object', properties: { error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } } } } as const;
+const errors = { 400: err, 401: err, 403: err, 404: err, 409: err, 413: err, 500: err, 503: err };
+const name = { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$' } as const;
+const udidParam = { type: 'object', properties: { udid: { type: 'string', pattern: '^[0-9a-fA-F:]{2,95}$' } }, required: ['udid'] } as const;
+const anyObject = { type: 'object', additionalProperties: true } as const;
+const listOf = (items: object) => ({ type: 'object', properties: { items: { type: 'array', items }, next: { type: ['string', 'null'] } } });
+
+const deviceSchema = {
+  type: 'object',
+  properties: {
+    udid: { type: 'string' }, serialNumber: { type: ['string', 'null'] }, state: { type: 'string' }, product: { type: 'string' }, line: { type: 'string' },
+    batch: { type: 'string' }, tenant: { type: 'string' }, publicKeySha256: { type: 'string' }, hasBirthCertificate: { type: 'boolean' },
+    createdAt: { type: 'string' }, updatedAt: { type: 'string' }, provisionedAt: { type: ['string', 'null'] },
+  },
+} as const;
+
+const actorOf = (request: FastifyRequest): string => `token:${request.principal?.tokenId ?? '?'}`;
+
+export function registerRegistryApi(app: FastifyInstance, authority: Authority): void {
+  const registry = authority.registry;
+  const read = { scope: 'registry:read' as const };
+  const write = { scope: 'registry:write' as const };
+
+  app.get('/api/v1/products', { config: read, schema: { summary: 'List products', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },
+    async () => ({ items: await registry.listProducts(), next: null }));
+
+  app.post<{ Body: { name: string; profile?: string; validityDays?: number } }>('/api/v1/products', {
+    config: write,
+    schema: { summary: 'Create a product', tags: ['registry'], body: { type: 'object', additionalProperties: false, required: ['name'], properties: { name, profile: { type: 'string', maxLength: 64 }, validityDays: { type: 'integer', minimum: 1, maximum: 10950 } } }, response: { 201: anyObject, ...errors } },
+  }, async (request, reply) => {
+    await registry.createProduct({ ...request.body, actor: actorOf(request) });
+    return reply.status(201).send((await registry.listProducts()).find((p) => p.name === request.body.name));
+  });
+
+  app.get('/api/v1/lines', { config: read, schema: { summary: 'List production lines', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },
+    async () => ({ items: await registry.listLines(), next: null }));
+
+  app.post<{ Body: { name: string; ca: string } }>('/api/v1/lines', {
+    config: write,
+    schema: { summary: 'Create a production line issuing under an existing intermediate CA', tags: ['registry'], body: { type: 'object', additionalProperties: false, required: ['name', 'ca'], properties: { name, ca: name } }, response: { 201: anyObject, ...errors } },
+  }, async (request, reply) => {
+    await registry.createLine({ ...request.body, actor: actorOf(request) });
+    return reply.status(201).send((await registry.listLines()).find((l) => l.name === request.body.name));
+  });
+
+  app.get('/api/v1/batches', { config: read, schema: { summary: 'List batches with quota and counts', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },
+    async () => ({ items: await registry.listBatches(), next: null }));
+
+  app.get<{ Params: { id: string } }>('/api/v1/batches/:id', { config: read, schema: { summary: 'One batch', tags: ['registry'], params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] }, response: { 200: anyObject, ...errors } } },
+    async (request) => registry.batch(request.params.id));
+
+  app.post<{ Body: { product: string; line: string; quota: number; expiresAt?: string; allowUnregistered?: boolean } }>('/api/v1/batches', {
+    config: write,
+    schema: {
+      summary: 'Create a batch', tags: ['registry'],
+      body: { type: 'object', additionalProperties: false, required: ['product', 'line', 'quota'], properties: { product: name, line: name, quota: { type: 'integer', minimum: 0, maximum: 100000000 }, expiresAt: { type: 'string', format: 'date-time' }, allowUnregistered: { type: 'boolean' } } },
+      response: { 201: anyObject, ...errors },
+    },
+  }, async (request, reply) => {
+    const b = request.body;
+    const id = await registry.createBatch({ product: b.product, line: b.line, quota: b.quota, expiresAt: b.expiresAt ? new Date(b.expiresAt) : undefined, allowUnregistered: b.allowUnregistered, actor: actorOf(request) });
+    return reply.status(201).send(await registry.batch(id));
+  });
+
+  app.post<{ Params: { id: string }; Body: { publicKey: string; udid?: string; serialNumber?: string; birthCertificate?: string; tenant?: string } }>('/api/v1/batches/:id/devices', {
+    config: write,
+    schema: {
+      summary: 'Register a device in a batch', tags: ['registry'],
+      params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] },
+      body: { type: 'object', additionalProperties: false, required: ['publicKey'], properties: {
+        publicKey: { type: 'string', maxLength: 16384, description: 'PEM or base64 DER SubjectPublicKeyInfo' }, udid: { type: 'string', maxLength: 95 },
+        serialNumber: { type: 'string', maxLength: 64 }, birthCertificate: { type: 'string', maxLength: 65536, description: 'PEM or base64 DER' }, tenant: name,
+      } },
+      response: { 201: deviceSchema, ...errors },
+    },
+  }, async (request, reply) => {
+    const b = request.body;
+    const spki = publicKeyFromFile(Buffer.from(b.publicKey.includes('-----BEGIN') ? b.publicKey : `-----BEGIN PUBLIC KEY-----\n${b.publicKey}\n-----END PUBLIC KEY-----\n`));
+    const birthCertificate = b.birthCertificate ? decodeOne(b.birthCertificate, ['CERTIFICATE'], SIZE_LIMITS.certificate) : undefined;
+    const device = await registry.registerDevice(request.params.id, { publicKeySpki: spki, udid: b.udid, serialNumber: b.serialNumber, birthCertificate, tenant: b.tenant }, actorOf(request));
+    return reply.status(201).send(device);
+  });
+
+  app.get<{ Querystring: { batch?: string; state?: DeviceState; tenant?: string; after?: string; limit?: number } }>('/api/v1/devices', {
+    config: read,
+    schema: {
+      summary: 'List devices in pages (pass `next` as `after` for the following page)', tags: ['registry'],
+      querystring: { type: 'object', additionalProperties: false, properties: {
+        batch: { type: 'string', maxLength: 64 }, state: { type: 'string', enum: ['registered', 'provisioned', 'active', 'suspended', 'revoked', 'decommissioned'] },
+        tenant: name, after: { type: 'string', maxLength: 95 }, limit: { type: 'integer', minimum: 1, maximum: 1000 },
+      } },
+      response: { 200: listOf(deviceSchema), ...errors },
+    },
+  }, async (request) => registry.listDevices(request.query));
+
+  app.get<{ Params: { udid: string } }>('/api/v1/devices/:udid', { config: read, schema: { summary: 'One device', tags: ['registry'], params: udidParam, response: { 200: deviceSchema, ...errors } } },
+    async (request) => registry.device(request.params.udid));
+
+  app.post<{ Params: { udid: string }; Body: { tenant: string } }>('/api/v1/devices/:udid/transfer', {
+    config: write,
+    schema: { summary: 'Transfer a device to another tenant', tags: ['registry'], params: udidParam, body: { type: 'object', additionalProperties: false, required: ['tenant'], properties: { tenant: name } }, response: { 200: deviceSchema, ...errors } },
+  }, async (request) => registry.transfer(request.params.udid, request.body.tenant, actorOf(request)));
+
+  for (const action of ['suspend', 'resume', 'decommission'] as const satisfies readonly DeviceAction[]) {
+    app.post<{ Params: { udid: string } }>(`/api/v1/devices/:udid/${action}`, {
+      config: write,
+      schema: { summary: `${action[0]!.toUpperCase()}${action.slice(1)} a device`, tags: ['registry'], params: udidParam, response: { 200: deviceSchema, ...errors } },
+    }, async (request) => registry.changeState(request.params.udid, action, actorOf(request)));
+  }
+
+  app.post<{ Params: { udid: string }; Body: { csr: string } }>('/api/v1/devices/:udid/certificates', {
+    config: { scope: 'certificates:issue' },
+    schema: {
+      summary: 'Issue an operational certificate to a registered device (state, key and quota checked; subject from the registry)', tags: ['registry', 'certificates'],
+      params: udidParam, body: { type: 'object', additionalProperties: false, required: ['csr'], properties: { csr: { type: 'string', maxLength: 131072 } } },
+      response: { 201: anyObject, ...errors },
+    },
+  }, async (request, reply) => {
+    const cert = await authority.issueForDevice({ udid: request.params.udid, csr: request.body.csr, actor: actorOf(request) });
+    return reply.status(201).send({
+      serial: cert.serial, issuer: cert.issuer, profile: cert.profile, subject: cert.subject, notBefore: cert.notBefore.toISOString(), notAfter: cert.notAfter.toISOString(),
+      fingerprintSha256: cert.fingerprintSha256, certificate: encodePem('CERTIFICATE', cert.der), chain: cert.chain.slice(0, -1).map((d) => encodePem('CERTIFICATE', d)).join(''),
+    });
+  });
+
+  app.get('/api/v1/vendors', { config: read, schema: { summary: 'The vendor trust store for birth certificates', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },
+    async () => ({ items: await listVendorCas(authority.store.db), next: null }));
+
+  app.post<{ Body: { name: string; ca: string } }>('/api/v1/vendors', {
+    config: write,
+    schema: { summary: 'Trust vendor CA certificate(s) (PEM)', tags: ['registry'], body: { type: 'object', additionalProperties: false, required: ['name', 'ca'], properties: { name, ca: { type: 'string', maxLength: 524288 } } }, response: { 201: anyObject, ...errors } },
+  }, async (request, reply) => {
+    const added = await addVendorCa(authority.store, { vendor: request.body.name, pem: request.body.ca, actor: actorOf(request) });
+    return reply.status(201).send({ vendor: request.body.name, added });
+  });
+
+}
