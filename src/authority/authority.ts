@@ -214,7 +214,12 @@ export class Authority {
     }
     if (device.state === 'registered') {
       if (batch.expires_at && new Date(batch.expires_at) <= new Date()) return refuse(new HallmarkError('BATCH_EXPIRED', `batch ${batch.id} expired at ${batch.expires_at}`));
-      if (Number(batch.issued_count) >= Number(batch.quota)) return refuse(new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities (line ${line.name})`));
+      if (Number(batch.issued_count) >= Number(batch.quota)) {
+        // The device row was read before the batch: a concurrent request may have given this very device its
+        // first identity in between (it is then a renewal). Only a device still waiting for one is over quota.
+        const now = await this.registry.deviceRow(device.udid);
+        if (now.state === 'registered' && now.batch_id === batch.id) return refuse(new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities (line ${line.name})`));
+      }
     }
     const profile = profileByName(product.profile);
     const issuer = await this.#issuer(line.ca);

@@ -32,17 +32,25 @@ function isCa(cert: ParsedCertificate): boolean {
 
 interface Anchor { readonly vendor: string; readonly cert: ParsedCertificate }
 
-// Trust anchors are read once per transaction (an import checks many certificates in one).
-const anchorCache = new WeakMap<object, Promise<Anchor[]>>();
+// Trust anchors are read once per handle (an import checks many certificates through one), but never
+// kept past a change of the trust store: addVendorCa in this process invalidates them at once, and a
+// change made by another process is seen within ANCHOR_TTL_MS (a handle may live as long as a server).
+const ANCHOR_TTL_MS = 1000;
+let trustGeneration = 0;
+const anchorCache = new WeakMap<object, { readonly generation: number; readonly readAt: number; readonly anchors: Promise<Anchor[]> }>();
 
 async function anchors(trx: Transaction<Database> | Kysely<Database>): Promise<Anchor[]> {
-  let p = anchorCache.get(trx);
-  if (!p) {
-    p = trx.selectFrom('vendor_cas').innerJoin('vendors', 'vendors.id', 'vendor_cas.vendor_id').select(['vendors.name', 'vendor_cas.der']).execute()
-      .then((rows) => rows.map((r) => ({ vendor: r.name, cert: parseCertificate(Buffer.from(r.der)) })));
-    anchorCache.set(trx, p);
-  }
-  return p;
+  const hit = anchorCache.get(trx);
+  if (hit && hit.generation === trustGeneration && Date.now() - hit.readAt < ANCHOR_TTL_MS) return hit.anchors;
+  const entry = {
+    generation: trustGeneration,
+    readAt: Date.now(),
+    anchors: trx.selectFrom('vendor_cas').innerJoin('vendors', 'vendors.id', 'vendor_cas.vendor_id').select(['vendors.name', 'vendor_cas.der']).execute()
+      .then((rows) => rows.map((r) => ({ vendor: r.name, cert: parseCertificate(Buffer.from(r.der)) }))),
+  };
+  anchorCache.set(trx, entry);
+  entry.anchors.catch(() => { if (anchorCache.get(trx) === entry) anchorCache.delete(trx); });
+  return entry.anchors;
 }
 
 function signedBy(cert: ParsedCertificate, issuer: ParsedCertificate): boolean {
@@ -93,7 +101,7 @@ export async function addVendorCa(store: Store, options: { vendor: string; pem: 
   if (blocks.length === 0) throw new HallmarkError('BAD_PEM', 'no CERTIFICATE block in the vendor CA file');
   const certs = blocks.map((b) => parseCertificate(b.der));
   for (const c of certs) if (!isCa(c)) throw new HallmarkError('BAD_REQUEST', `${nameToString(c.subject)} is not a CA certificate (basicConstraints CA:TRUE)`);
-  return store.writeTransaction(async (trx) => {
+  const added = await store.writeTransaction(async (trx) => {
     let row = await trx.selectFrom('vendors').select('id').where('name', '=', vendor).executeTakeFirst();
     if (!row) {
       await trx.insertInto('vendors').values({ name: vendor, created_at: nowIso() }).execute();
@@ -109,6 +117,8 @@ export async function addVendorCa(store: Store, options: { vendor: string; pem: 
     }
     return added;
   });
+  if (added > 0) trustGeneration++;
+  return added;
 }
 
 export async function listVendorCas(db: Kysely<Database>): Promise<{ vendor: string; subject: string; fingerprintSha256: string; notAfter: string }[]> {
