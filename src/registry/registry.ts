@@ -300,6 +300,12 @@ export class Registry {
     return deviceInfo(rows[0]);
   }
 
+  /** The device holding this hardware key (SPKI DER), if any: the lookup a registered-key enrolment makes. */
+  async deviceByPublicKey(spki: Buffer): Promise<DeviceInfo | undefined> {
+    const rows = await this.#deviceQuery().where('devices.public_key_sha256', '=', udidOfKey(canonicalSpki(spki))).execute();
+    return rows[0] ? deviceInfo(rows[0]) : undefined;
+  }
+
   /** Pages by UDID: pass the last UDID of a page as `after` to get the next. */
   async listDevices(options: { batch?: string; state?: DeviceState; tenant?: string; after?: string; limit?: number } = {}): Promise<{ items: DeviceInfo[]; next: string | null }> {
     const limit = Math.min(Math.max(options.limit ?? 100, 1), 1000);
@@ -420,6 +426,11 @@ function prepareRegistration(d: DeviceRegistration, index: number): PreparedRegi
   // It goes into the certificate subject as an X.520 serialNumber (a PrintableString).
   if (d.serialNumber !== undefined && !/^[A-Za-z0-9 '()+,\-./:=?]{1,64}$/.test(d.serialNumber)) throw new HallmarkError('BAD_REQUEST', `${where}: the serial number must be 1-64 characters of A-Z a-z 0-9 space ' ( ) + , - . / : = ?`);
   return { udid, keyHash, publicKeySpki: spki, serialNumber: d.serialNumber ?? null, birthCertificate: d.birthCertificate, birthCertificateChain: d.birthCertificateChain ?? [], tenant: d.tenant ?? DEFAULT_TENANT };
+}
+
+/** The SPKI DER as Node re-encodes it, so one key has one hash whatever encoding it arrived in. */
+function canonicalSpki(spki: Buffer): Buffer {
+  return publicKeyFromSpki(spki).export({ type: 'spki', format: 'der' });
 }
 
 function isUniqueViolation(err: unknown): boolean {
