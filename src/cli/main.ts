@@ -12,13 +12,14 @@ import { UsageError, parse, type Command } from './io.js';
 import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListCommand, productCreateCommand, productListCommand } from './commands/registry.js';
 import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, deviceResumeCommand, deviceShowCommand, deviceSuspendCommand, deviceTransferCommand } from './commands/device.js';
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
+import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
   issueCommand, tokenCreateCommand, tokenListCommand, tokenRevokeCommand, auditVerifyCommand, auditListCommand, serveCommand,
   productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
-  vendorAddCommand, vendorListCommand,
+  vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
 ];
 
 function overview(): string {
