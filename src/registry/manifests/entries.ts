@@ -5,7 +5,7 @@ import { HallmarkError } from '../../errors.js';
 import { isAcceptableSubjectKey, publicKeyFromSpki } from '../../pki/algorithms.js';
 import { parseCertificate } from '../../pki/certificate.js';
 import type { DeviceRegistration } from '../registry.js';
-import { isP256Point, isP256Spki } from './p256.js';
+import { isP256Point, isP256Spki } from '../../pki/p256.js';
 
 /** A problem with one entry: reported (and skipped with --skip-invalid) rather than ending the import. */
 export class EntryError extends Error {

@@ -13,7 +13,6 @@
 
 import { createHash } from 'node:crypto';
 import { open, readFile } from 'node:fs/promises';
-import { appendAudit } from '../../audit/audit-log.js';
 import { HallmarkError } from '../../errors.js';
 import type { Store } from '../../store/database.js';
 import { checkBirthCertificate, verifyBirthCertificate } from '../birth-certificates.js';
@@ -197,7 +196,22 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
   // Store: one transaction, all or nothing.
   let outcomes: RegistrationOutcome[];
   try {
-    outcomes = await registry.registerDevices(options.batch, devices, options.actor, 'manifest.import');
+    // The summary entry commits in the same transaction as the devices; a re-import that changes
+    // nothing writes nothing, not even the summary.
+    outcomes = await registry.registerDevices(options.batch, devices, options.actor, 'manifest.import', (results) => {
+      const registered = results.filter((o) => o === 'registered').length;
+      const reRegistered = results.filter((o) => o === 're-registered').length;
+      if (registered + reRegistered === 0) return undefined;
+      return {
+        actor: options.actor, action: 'manifest.import', target: options.batch,
+        details: {
+          file: options.file, fileSha256, format, signers: usedSigners.map(summariseSigner).map((s) => ({ name: s.name, sha256: s.sha256 })),
+          entries: total, registered, unchanged: results.length - registered - reRegistered, reRegistered, invalidSkipped: invalid.length,
+          birthCertificates: ignoreBirthCertificates ? 'ignored' : 'verified',
+          invalid: invalid.slice(0, AUDITED_INVALID).map((e) => `${e.where}: ${e.reason}`),
+        },
+      };
+    });
   } catch (err) {
     // The registry numbers entries of its input; name them as the file does.
     if (err instanceof HallmarkError) {
@@ -216,19 +230,5 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
     file: options.file, fileSha256, format, batch: options.batch, signers, entries: total,
     registered, unchanged, reRegistered, invalidSkipped: invalid.length, invalid, warnings,
   };
-  // Nothing changed (a re-import): nothing is written, not even the summary.
-  if (registered + reRegistered > 0) {
-    await store.writeTransaction(async (trx) => {
-      await appendAudit(trx, [{
-        actor: options.actor, action: 'manifest.import', target: options.batch,
-        details: {
-          file: options.file, fileSha256, format, signers: signers.map((s) => ({ name: s.name, sha256: s.sha256 })),
-          entries: total, registered, unchanged, reRegistered, invalidSkipped: invalid.length,
-          birthCertificates: ignoreBirthCertificates ? 'ignored' : 'verified',
-          invalid: invalid.slice(0, AUDITED_INVALID).map((e) => `${e.where}: ${e.reason}`),
-        },
-      }]);
-    });
-  }
   return report;
 }

@@ -12,7 +12,7 @@
 import { verify as cryptoVerify } from 'node:crypto';
 import { EntryError, birthChecked, checkCertificateKey, checkUdid, decodeBase64, decodeBase64Url, entryFailure, type BirthCheck, type ManifestDevice, type ParsedEntry } from './entries.js';
 import { jsonArrayElements } from './json-array.js';
-import { P256_SPKI_PREFIX, isP256Point } from './p256.js';
+import { P256_SPKI_PREFIX, isP256Point } from '../../pki/p256.js';
 import type { ManifestSigner } from './signers.js';
 
 export interface MicrochipOptions {

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { createPublicKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { isP256Point, isP256Spki } from '../../../src/registry/manifests/p256.js';
+import { isP256Point, isP256Spki } from '../../../src/pki/p256.js';
 
 const P = Buffer.from('ffffffff00000001000000000000000000000000ffffffffffffffffffffffff', 'hex');
 
