@@ -14,7 +14,7 @@ import { promisify } from 'node:util';
 const execFileAsync = promisify(execFile);
 const BIN = join(import.meta.dirname, '..', '..', '..', 'bin', 'hallmark.js');
 const PASSPHRASE = 'registry cli test passphrase';
-const VECTORS = process.env.HALLMARK_TEST_VECTORS || resolve(import.meta.dirname, '..', '..', '..', '..', 'shared', 'vectors');
+const VECTORS = process.env.HALLMARK_TEST_VECTORS || resolve(import.meta.dirname, '..', '..', '..', 'test', 'vectors');
 const MCHP_DIR = join(VECTORS, 'microchip', 'pytrustplatform');
 
 interface Result { code: number; stdout: string; stderr: string }

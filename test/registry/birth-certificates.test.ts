@@ -16,7 +16,7 @@ import type { Store } from '../../src/store/database.js';
 import { forEachDialect, type StoreTarget } from '../helpers/db.js';
 import { openssl } from '../pki/fixtures.js';
 
-const VECTORS = process.env.HALLMARK_TEST_VECTORS || resolve(import.meta.dirname, '..', '..', '..', '..', 'shared', 'vectors');
+const VECTORS = process.env.HALLMARK_TEST_VECTORS || resolve(import.meta.dirname, '..', '..', '..', 'test', 'vectors');
 const HAVE_VECTORS = existsSync(join(VECTORS, 'infineon', 'samples')) && existsSync(join(VECTORS, 'microchip', 'pytrustplatform'));
 const PASSPHRASE = 'birth certificate test passphrase';
 const ACTOR = 'cli:test';
