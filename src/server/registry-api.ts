@@ -1,7 +1,12 @@
 // Registry routes of the admin API: products, lines, batches, devices, vendors, device issuance.
 // Parse and render only: the Registry and the Authority decide.
 
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { MANIFEST_FORMATS, importManifest, type ManifestFormat } from '../registry/manifests/import.js';
+import { loadSigners } from '../registry/manifests/signers.js';
 import type { Authority } from '../authority/authority.js';
 import { addVendorCa, listVendorCas } from '../registry/birth-certificates.js';
 import type { DeviceAction } from '../registry/registry.js';
@@ -9,6 +14,9 @@ import { publicKeyFromFile } from '../pki/public-key.js';
 import { HallmarkError } from '../errors.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import type { DeviceState } from '../store/schema.js';
+
+/** A manifest travels in one request body: 64 MiB (about 400,000 Microchip entries); larger ones go through the CLI. */
+export const MANIFEST_BODY_LIMIT = 64 * 1024 * 1024;
 
 const err = { type: 'object', properties: { error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } } } } as const;
 const errors = { 400: err, 401: err, 403: err, 404: err, 409: err, 413: err, 500: err, 503: err };
@@ -133,6 +141,44 @@ export function registerRegistryApi(app: FastifyInstance, authority: Authority):
       serial: cert.serial, issuer: cert.issuer, profile: cert.profile, subject: cert.subject, notBefore: cert.notBefore.toISOString(), notAfter: cert.notAfter.toISOString(),
       fingerprintSha256: cert.fingerprintSha256, certificate: encodePem('CERTIFICATE', cert.der), chain: cert.chain.slice(0, -1).map((d) => encodePem('CERTIFICATE', d)).join(''),
     });
+  });
+
+  // Manifest import: the manifest (and, for a generic list, its detached signature) travel in the JSON
+  // body; they are written to a private temporary file so the importer can stream them as it does from the CLI.
+  app.post<{ Params: { id: string }; Body: { manifest: string; encoding?: 'utf8' | 'base64'; signature?: string; trust: string[]; format?: ManifestFormat; skipInvalid?: boolean; ignoreBirthCertificates?: boolean } }>('/api/v1/batches/:id/manifests', {
+    config: write,
+    bodyLimit: MANIFEST_BODY_LIMIT,
+    schema: {
+      summary: 'Import a signed chip manifest into a batch (verified before anything is stored; atomic; idempotent)', tags: ['registry'],
+      params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] },
+      body: { type: 'object', additionalProperties: false, required: ['manifest', 'trust'], properties: {
+        manifest: { type: 'string', description: 'the manifest file content' }, encoding: { type: 'string', enum: ['utf8', 'base64'] },
+        signature: { type: 'string', maxLength: 4096, description: 'base64 detached signature (generic CSV / NDJSON lists)' },
+        trust: { type: 'array', minItems: 1, maxItems: 16, items: { type: 'string', maxLength: 65536 }, description: 'PEM signer certificates or public keys' },
+        format: { type: 'string', enum: [...MANIFEST_FORMATS] }, skipInvalid: { type: 'boolean' }, ignoreBirthCertificates: { type: 'boolean' },
+      } },
+      response: { 201: anyObject, 200: anyObject, ...errors },
+    },
+  }, async (request, reply) => {
+    const b = request.body;
+    const signers = b.trust.flatMap((pem, i) => loadSigners(Buffer.from(pem), `trust[${i}]`));
+    const dir = await mkdtemp(join(tmpdir(), 'hallmark-manifest-'));
+    try {
+      const file = join(dir, 'manifest');
+      await writeFile(file, Buffer.from(b.manifest, b.encoding === 'base64' ? 'base64' : 'utf8'), { mode: 0o600 });
+      let signatureFile: string | undefined;
+      if (b.signature) {
+        signatureFile = join(dir, 'manifest.sig');
+        await writeFile(signatureFile, b.signature, { mode: 0o600 });
+      }
+      const report = await importManifest(authority.store, {
+        file, batch: request.params.id, signers, format: b.format, signatureFile, skipInvalid: b.skipInvalid,
+        ignoreBirthCertificates: b.ignoreBirthCertificates, actor: actorOf(request),
+      });
+      return reply.status(report.registered + report.reRegistered > 0 ? 201 : 200).send({ ...report, file: undefined });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   app.get('/api/v1/vendors', { config: read, schema: { summary: 'The vendor trust store for birth certificates', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },

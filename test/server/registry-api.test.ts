@@ -128,8 +128,30 @@ describe('registry admin API', () => {
     assert.equal(badKey.status, 400);
   });
 
+  test('a real Microchip manifest imports through the API, idempotently; a tampered one stores nothing', async () => {
+    const vectors = join(import.meta.dirname, '..', '..', '..', 'test', 'registry', 'manifests', 'vectors', 'microchip');
+    const manifest = readFileSync(join(vectors, 'ECC608C-TNGTLSU-B.json'), 'utf8');
+    const signer = readFileSync(join(vectors, 'mchp_verifiers', 'MCHP_manifest_signer_5_Mar_6-2024_noExpiration.crt'), 'utf8');
+    const batch = JSON.parse((await post('/batches', { product: 'thermostat', line: 'line-1', quota: 10 })).body) as { id: string };
+    const tampered = manifest.replace(/"signature": ?"([A-Za-z0-9_-])/, (m, c: string) => m.slice(0, -1) + (c === 'A' ? 'B' : 'A'));
+    assert.notEqual(tampered, manifest);
+    const bad = await post(`/batches/${batch.id}/manifests`, { manifest: tampered, trust: [signer], ignoreBirthCertificates: true });
+    assert.equal(bad.status, 400, bad.body);
+    assert.equal(JSON.parse(bad.body).error.code, 'MANIFEST_INVALID');
+    assert.equal(JSON.parse((await get(`/devices?batch=${batch.id}`)).body).items.length, 0, 'nothing stored');
+    const first = await post(`/batches/${batch.id}/manifests`, { manifest, trust: [signer], ignoreBirthCertificates: true });
+    assert.equal(first.status, 201, first.body);
+    assert.equal(JSON.parse(first.body).registered, 10);
+    const again = await post(`/batches/${batch.id}/manifests`, { manifest, trust: [signer], ignoreBirthCertificates: true });
+    assert.equal(again.status, 200);
+    assert.equal(JSON.parse(again.body).unchanged, 10);
+    const listed = JSON.parse((await get(`/devices?batch=${batch.id}`)).body) as { items: { udid: string }[] };
+    assert.equal(listed.items.length, 10);
+    for (const d of listed.items) assert.match(d.udid, /^01[0-9a-f]{16}$/, 'UDIDs are the chips\' uniqueIds');
+  });
+
   test('the OpenAPI document lists the registry routes', async () => {
     const doc = JSON.parse((await call(`${base}/openapi.json`, { ca })).body) as { paths: Record<string, unknown> };
-    for (const p of ['/api/v1/products', '/api/v1/lines', '/api/v1/batches', '/api/v1/devices', '/api/v1/devices/{udid}/certificates', '/api/v1/vendors']) assert.ok(doc.paths[p], p);
+    for (const p of ['/api/v1/products', '/api/v1/lines', '/api/v1/batches', '/api/v1/devices', '/api/v1/devices/{udid}/certificates', '/api/v1/vendors', '/api/v1/batches/{id}/manifests']) assert.ok(doc.paths[p], p);
   });
 });
