@@ -20,7 +20,7 @@ import { Store, nowIso } from '../store/database.js';
 import type { CaRow, CaStatus } from '../store/schema.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
-import { profileByName } from './profiles.js';
+import { PROFILES, profileByName } from './profiles.js';
 import { verifyIssuedBy } from '../pki/verify.js';
 export { verifyIssuedBy } from '../pki/verify.js';
 import { Registry } from '../registry/registry.js';
@@ -309,6 +309,41 @@ export class Authority {
     const csrPem = encodePem('CERTIFICATE REQUEST', csrDer);
     await writeFile(path, csrPem);
     return { csrPem, path };
+  }
+
+  /**
+   * A new intermediate signed online by an existing intermediate whose path length allows it (for
+   * a production line's own CA without a root ceremony). The new CA gets pathLen 0.
+   */
+  async createSubordinateCa(options: { name: string; parent: string; algorithm?: KeyAlgorithm | string; actor: string }): Promise<CaInfo> {
+    if (!/^[a-z0-9][a-z0-9._-]{0,62}$/i.test(options.name)) throw new HallmarkError('BAD_REQUEST', 'CA names are 1-63 letters, digits, dot, dash or underscore');
+    if (await this.store.db.selectFrom('certificate_authorities').select('id').where('name', '=', options.name).executeTakeFirst()) throw new HallmarkError('CA_EXISTS', `a CA named ${options.name} already exists`);
+    const parent = await this.#issuer(options.parent);
+    if (parent.row.path_len === null || Number(parent.row.path_len) < 1) {
+      throw new HallmarkError('CA_NOT_ACTIVE', `CA ${options.parent} may not sign CA certificates (its path length is ${parent.row.path_len ?? 'absent'}); use the root ceremony, or a parent signed with --path-len 1`);
+    }
+    const algorithm = parseKeyAlgorithm(options.algorithm ?? 'ecdsa-p256');
+    const subject = encodeNameString(`CN=${this.config.org} ${options.name},O=${this.config.org}`);
+    const ref = await this.caKeys.generateKey(`hallmark-ca-${options.name}`, algorithm);
+    const signer = await this.caKeys.signer(ref);
+    const signed = await signCertificate(parent, { profile: PROFILES.intermediate, subject, subjectPublicKeyInfo: signer.publicKeySpki, subjectKeyKind: algorithm, pathLen: 0 });
+    const subjectText = nameToString(subject);
+    const fingerprint = sha256Fingerprint(signed.der);
+    const now = nowIso();
+    await this.store.writeTransaction(async (trx) => {
+      await trx.insertInto('certificate_authorities').values({
+        name: options.name, role: 'intermediate', parent_id: parent.row.id, status: 'active', subject: subjectText, key_ref: JSON.stringify(ref),
+        key_algorithm: algorithm, ski: keyIdentifier(signer.publicKeySpki).toString('hex'), path_len: 0, certificate_der: signed.der, csr_der: null,
+        serial: signed.serialHex, not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), created_at: now, updated_at: now,
+      }).execute();
+      await trx.insertInto('certificates').values({
+        issuer_id: parent.row.id, serial: signed.serialHex, profile: 'intermediate', subject: subjectText, fingerprint_sha256: fingerprint,
+        not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid', revoked_at: null,
+        revocation_reason: null, requested_by: options.actor, created_at: now,
+      }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'ca.create', target: options.name, details: { parent: options.parent, subject: subjectText, serial: signed.serialHex, fingerprintSha256: fingerprint, keyAlgorithm: algorithm, keyLocation: describeKeyRef(JSON.stringify(ref)) } }]);
+    });
+    return (await this.listCas()).find((c) => c.name === options.name)!;
   }
 
   /** Installs a certificate signed by the root for a pending CA request. */

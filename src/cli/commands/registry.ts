@@ -46,22 +46,35 @@ export const productListCommand: Command = {
 export const lineCreateCommand: Command = {
   name: 'line create',
   summary: 'define a production line with its own issuing CA',
-  usage: `Usage: hallmark line create NAME [--ca CA_NAME] [--key-algorithm ALG] [--home DIR]
+  usage: `Usage: hallmark line create NAME [--ca CA_NAME | --parent-ca CA_NAME] [--key-algorithm ALG] [--home DIR]
 
-Without --ca, a new intermediate CA "line-NAME" is requested for the line (its key made in the key
-backend) and the offline ceremony finishes it: hallmark root sign ... then hallmark ca install.
-Devices of the line can be issued certificates once that CA is active. With --ca, the line issues
-under an existing intermediate CA.`,
+Every line should have its own issuing CA, so that one line can be revoked as a whole:
+- default: a new intermediate CA "line-NAME" is requested (key made in the key backend) and the
+  offline ceremony finishes it: hallmark root sign ... then hallmark ca install. Devices of the line
+  get certificates once that CA is active.
+- --parent-ca CA: the new CA "line-NAME" is signed at once by that intermediate, when its path length
+  allows (a parent signed with root sign --path-len 1).
+- --ca CA: the line issues under an existing intermediate CA (shared with other lines).`,
   allowPositionals: true,
-  options: { ca: { type: 'string' }, 'key-algorithm': { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  options: { ca: { type: 'string' }, 'parent-ca': { type: 'string' }, 'key-algorithm': { type: 'string' }, 'passphrase-file': { type: 'string' } },
   async run(args) {
     const name = args.positionals[0];
     if (!name || args.positionals.length > 1) throw new HallmarkError('BAD_REQUEST', `give one line name\n${this.usage}`);
     const existing = str(args, 'ca');
+    if (existing && str(args, 'parent-ca')) throw new HallmarkError('BAD_REQUEST', '--ca and --parent-ca exclude each other');
     if (existing) {
       return withStoreOnly(args, async (ctx) => {
         await new Registry(ctx.store).createLine({ name, ca: existing, actor: actor() });
         out(`Created line ${name}, issuing under CA ${existing}`);
+        return 0;
+      });
+    }
+    const parent = str(args, 'parent-ca');
+    if (parent) {
+      return withAuthority(args, async (authority) => {
+        const ca = await authority.createSubordinateCa({ name: `line-${name}`, parent, algorithm: str(args, 'key-algorithm'), actor: actor() });
+        await authority.registry.createLine({ name, ca: ca.name, actor: actor() });
+        out(`Created line ${name} with its CA ${ca.name} (signed by ${parent}, valid until ${ca.notAfter})`);
         return 0;
       });
     }
