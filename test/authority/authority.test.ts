@@ -15,7 +15,7 @@ import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
 import { CertificateRecorder } from '../../src/store/certificate-recorder.js';
 import type { Store } from '../../src/store/database.js';
-import { forEachDialect, type StoreTarget } from '../helpers/db.js';
+import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { generateKey, opensslCsr, opensslVerify, writePems } from '../pki/fixtures.js';
 
 const PASSPHRASE = 'authority test passphrase';
@@ -45,14 +45,7 @@ function filesUnder(dir: string): string[] {
 
 /** initAuthority takes its database from HALLMARK_DATABASE_URL; set it for the call only. */
 async function initOn(target: StoreTarget, home: string, rootDir: string): Promise<void> {
-  const previous = process.env.HALLMARK_DATABASE_URL;
-  process.env.HALLMARK_DATABASE_URL = target.url;
-  try {
-    await initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: 'cli:test', tlsDnsNames: ['ca.test'] });
-  } finally {
-    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL;
-    else process.env.HALLMARK_DATABASE_URL = previous;
-  }
+  await withDatabaseUrl(target.url, () => initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: 'cli:test', tlsDnsNames: ['ca.test'] }));
 }
 
 forEachDialect('authority', async (t: TestContext, target: StoreTarget) => {

@@ -4,18 +4,11 @@ import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { initAuthority } from '../../src/authority/init.js';
-import { forEachDialect, type StoreTarget } from '../helpers/db.js';
+import { forEachDialect, withDatabaseUrl, type StoreTarget } from '../helpers/db.js';
 import { tempDirFor } from '../helpers/tmp.js';
 
 const PASSPHRASE = 'init test passphrase';
 
-async function withDatabaseUrl<T>(url: string, fn: () => Promise<T>): Promise<T> {
-  const previous = process.env.HALLMARK_DATABASE_URL;
-  process.env.HALLMARK_DATABASE_URL = url;
-  try { return await fn(); } finally {
-    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL; else process.env.HALLMARK_DATABASE_URL = previous;
-  }
-}
 
 forEachDialect('an init that fails half-way leaves no rows, no home and no root directory behind', async (t: TestContext, target: StoreTarget) => {
   const home = join(target.dir, 'home');

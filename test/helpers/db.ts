@@ -142,3 +142,15 @@ export function forEachDialect(
     });
   }
 }
+
+/** Runs `fn` with HALLMARK_DATABASE_URL set to `url` (for code that opens the store itself, like init). */
+export async function withDatabaseUrl<T>(url: string, fn: () => Promise<T>): Promise<T> {
+  const previous = process.env.HALLMARK_DATABASE_URL;
+  process.env.HALLMARK_DATABASE_URL = url;
+  try {
+    return await fn();
+  } finally {
+    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL;
+    else process.env.HALLMARK_DATABASE_URL = previous;
+  }
+}

@@ -13,7 +13,7 @@ import { initAuthority } from '../../src/authority/init.js';
 import { HallmarkError, type ErrorCode } from '../../src/errors.js';
 import { addVendorCa, listVendorCas, verifyBirthCertificate } from '../../src/registry/birth-certificates.js';
 import type { Store } from '../../src/store/database.js';
-import { forEachDialect, type StoreTarget } from '../helpers/db.js';
+import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { openssl } from '../pki/fixtures.js';
 
 const VECTORS = process.env.HALLMARK_TEST_VECTORS || resolve(import.meta.dirname, '..', '..', '..', 'test', 'vectors');
@@ -54,14 +54,7 @@ const MCHP = {
 const DURING = new Date('2025-06-01T00:00:00Z');
 
 async function initOn(target: StoreTarget, home: string, rootDir: string): Promise<void> {
-  const previous = process.env.HALLMARK_DATABASE_URL;
-  process.env.HALLMARK_DATABASE_URL = target.url;
-  try {
-    await initAuthority({ home, rootDir, org: 'Acme Birth', passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] });
-  } finally {
-    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL;
-    else process.env.HALLMARK_DATABASE_URL = previous;
-  }
+  await withDatabaseUrl(target.url, () => initAuthority({ home, rootDir, org: 'Acme Birth', passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] }));
 }
 
 async function auditCount(store: Store): Promise<number> {

@@ -17,7 +17,7 @@ import { createCsr } from '../../src/pki/csr.js';
 import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
 import type { Store } from '../../src/store/database.js';
-import { forEachDialect, type StoreTarget } from '../helpers/db.js';
+import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { openssl, opensslText, opensslVerify, writePems } from '../pki/fixtures.js';
 
 const PASSPHRASE = 'device issuance test passphrase';
@@ -31,14 +31,7 @@ const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
 };
 
 async function initOn(target: StoreTarget, home: string, rootDir: string): Promise<void> {
-  const previous = process.env.HALLMARK_DATABASE_URL;
-  process.env.HALLMARK_DATABASE_URL = target.url;
-  try {
-    await initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] });
-  } finally {
-    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL;
-    else process.env.HALLMARK_DATABASE_URL = previous;
-  }
+  await withDatabaseUrl(target.url, () => initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] }));
 }
 
 interface DeviceKey { readonly privateKey: KeyObject; readonly spki: Buffer; readonly udid: string }

@@ -15,7 +15,7 @@ import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
 import type { Registry } from '../../src/registry/registry.js';
 import type { Store } from '../../src/store/database.js';
-import { forEachDialect, type StoreTarget } from '../helpers/db.js';
+import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 
 const PASSPHRASE = 'registry test passphrase';
 const ORG = 'Acme Registry';
@@ -28,14 +28,7 @@ const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
 };
 
 async function initOn(target: StoreTarget, home: string, rootDir: string): Promise<void> {
-  const previous = process.env.HALLMARK_DATABASE_URL;
-  process.env.HALLMARK_DATABASE_URL = target.url;
-  try {
-    await initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] });
-  } finally {
-    if (previous === undefined) delete process.env.HALLMARK_DATABASE_URL;
-    else process.env.HALLMARK_DATABASE_URL = previous;
-  }
+  await withDatabaseUrl(target.url, () => initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] }));
 }
 
 interface DeviceKey { readonly privateKey: KeyObject; readonly spki: Buffer; readonly defaultUdid: string }
