@@ -32,7 +32,7 @@ const STORES = (process.env.HALLMARK_BENCH_STORES ?? 'sqlite,postgresql').split(
  * A full garbage collection, now. Node 20 can deadlock when a key's details or encoding are read
  * while a GC finalises the KeyGenJob that made the key: GetEcKeyDetail allocates while holding the
  * key's mutex, and the job's destructor (~KeyPairGenConfig) takes the same mutex. This benchmark hung
- * that way in CSR generation about once in twenty runs (gdb: ~KeyGenJob under GetEcKeyDetail).
+ * that way in CSR generation twice in about forty runs (gdb: ~KeyGenJob under GetEcKeyDetail).
  * Collecting the finished jobs before the keys are used removes the race.
  */
 function collectFinishedKeyGenJobs(): void {
