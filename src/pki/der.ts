@@ -243,7 +243,10 @@ export function decodeTime(buf: Buffer, t: Tlv): Date {
     const rest = [0, 2, 4, 6, 8].map((k) => digitsAt(buf, at + yearDigits + k, 2));
     if (y >= 0 && rest.every((v) => v >= 0)) {
       const year = yearDigits === 2 ? (y < 50 ? 2000 + y : 1900 + y) : y;
-      return new Date(Date.UTC(year, rest[0]! - 1, rest[1]!, rest[2]!, rest[3]!, rest[4]!));
+      const [month, day, hour, minute, second] = rest as [number, number, number, number, number];
+      const date = new Date(Date.UTC(year, month - 1, day, hour, minute, second));
+      // Date.UTC rolls month 13 or day 32 over into a later date; such a time is malformed instead.
+      if (date.getUTCMonth() === month - 1 && date.getUTCDate() === day && hour < 24 && minute < 60 && second < 60) return date;
     }
   }
   throw bad(`bad time ${JSON.stringify(buf.toString('ascii', t.contentStart, t.end))}`);

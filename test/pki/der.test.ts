@@ -204,3 +204,16 @@ describe('malformed DER -> BAD_DER', () => {
     assert.equal(readTlv(der, 0, 5).end, 5);
   });
 });
+
+import { test as impossibleDateTest } from 'node:test';
+import assertDates from 'node:assert/strict';
+import { decodeTime as decodeTimeForRegression, readTlv as readTlvForRegression } from '../../src/pki/der.js';
+
+impossibleDateTest('impossible dates in a UTCTime or GeneralizedTime are malformed (were rolled over into later dates)', () => {
+  for (const [tag, text] of [[0x17, '261321000000Z'], [0x17, '261132000000Z'], [0x18, '20260230120000Z'], [0x17, '261121240000Z'], [0x17, '261121126000Z']] as const) {
+    const der = Buffer.concat([Buffer.from([tag, text.length]), Buffer.from(text, 'ascii')]);
+    assertDates.throws(() => decodeTimeForRegression(der, readTlvForRegression(der, 0)), { code: 'BAD_DER' }, text);
+  }
+  const ok = Buffer.concat([Buffer.from([0x17, 13]), Buffer.from('240229235959Z', 'ascii')]);
+  assertDates.equal(decodeTimeForRegression(ok, readTlvForRegression(ok, 0)).toISOString(), '2024-02-29T23:59:59.000Z');
+});
