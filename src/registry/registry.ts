@@ -2,8 +2,9 @@
 // devices with their hardware keys. It decides who may become a device; the authority asks it
 // before anything is signed. Every change is an audit entry in the same transaction.
 
+import * as nodeCrypto from 'node:crypto';
 import { createHash, randomBytes } from 'node:crypto';
-import type { Transaction } from 'kysely';
+import { CompiledQuery, sql, type Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { publicKeyFromSpki } from '../pki/algorithms.js';
@@ -24,8 +25,14 @@ export function checkName(kind: string, name: string): string {
 
 /** Default UDID: hex SHA-256 of the SPKI DER of the hardware key. */
 export function udidOfKey(spki: Buffer): string {
-  return createHash('sha256').update(spki).digest('hex');
+  return sha256Hex(spki);
 }
+
+// crypto.hash (Node >= 20.12): a one-shot digest without a Hash object, several times cheaper for small inputs.
+const oneShot = (nodeCrypto as { hash?: (algorithm: string, data: Buffer, encoding: 'hex') => string }).hash;
+const sha256Hex: (data: Buffer) => string = typeof oneShot === 'function'
+  ? (data) => oneShot('sha256', data, 'hex')
+  : (data) => createHash('sha256').update(data).digest('hex');
 
 export function normaliseUdid(udid: string): string {
   const u = udid.toLowerCase().replace(/[:\s-]/g, '');
@@ -79,6 +86,12 @@ export interface DeviceRegistration {
   /** Intermediate certificates between the birth certificate and a vendor CA (e.g. a manifest's x5c). */
   readonly birthCertificateChain?: readonly Buffer[];
   readonly tenant?: string;
+}
+
+/** Devices to register, in input order: an array, or any list read by index like one (bulk imports keep a compact one). */
+export interface DeviceRegistrationList {
+  readonly length: number;
+  at(index: number): DeviceRegistration | undefined;
 }
 
 export type RegistrationOutcome = 'registered' | 'unchanged' | 're-registered';
@@ -199,18 +212,40 @@ export class Registry {
    * Registers devices of one batch atomically: all or none. Re-registering a device exactly as it is
    * (same UDID, key and batch) changes nothing, so imports are idempotent. A UDID or key already held by
    * another device is a clone: the whole call is refused and the attempt audited with both batches.
+   *
+   * Built for bulk imports (a million devices in one call): the input is read by index (an array, or a
+   * compact list), only a UDID and a key hash per device are kept, and the transaction works in chunks —
+   * decide each device in input order, insert the new ones in UDID order (index pages written in
+   * sequence rather than at random), then audit them in input order.
    */
-  async registerDevices(batchId: string, devices: readonly DeviceRegistration[], actor: string, source = 'device.register', summary?: (outcomes: readonly RegistrationOutcome[]) => AuditEvent | undefined): Promise<RegistrationOutcome[]> {
-    const prepared = devices.map((d, i) => prepareRegistration(d, i));
-    const seenUdid = new Map<string, number>();
-    const seenKey = new Map<string, number>();
-    for (const [i, d] of prepared.entries()) {
-      const dupU = seenUdid.get(d.udid);
-      const dupK = seenKey.get(d.keyHash);
-      if (dupU !== undefined || dupK !== undefined) throw new HallmarkError('CLONE_DETECTED', `entry ${i + 1}: the same ${dupU !== undefined ? 'UDID' : 'public key'} as entry ${(dupU ?? dupK)! + 1} of this input`);
-      seenUdid.set(d.udid, i);
-      seenKey.set(d.keyHash, i);
+  async registerDevices(batchId: string, devices: DeviceRegistrationList, actor: string, source = 'device.register', summary?: (outcomes: readonly RegistrationOutcome[]) => AuditEvent | undefined): Promise<RegistrationOutcome[]> {
+    const n = devices.length;
+    const T = (l: string) => { if (process.env.HM_T) { const m = process.memoryUsage(); console.error(`[t] ${l} ${(performance.now() / 1000).toFixed(2)} maxrss ${Math.round(process.resourceUsage().maxRSS / 1024)} rss ${Math.round(m.rss / 1048576)} heap ${Math.round(m.heapUsed / 1048576)}/${Math.round(m.heapTotal / 1048576)} ab ${Math.round(m.arrayBuffers / 1048576)}`); } };
+    T('start');
+    // Every entry is checked before any is compared (a malformed entry anywhere is reported first),
+    // then the first UDID or key seen twice in this input refuses the call. Kept per device: its UDID
+    // and key hash (entry i of each index), and its key DER when the given one was not canonical.
+    const udidIndex = new KeyIndex(n);
+    const keyIndex = new KeyIndex(n);
+    const canonical = new Map<number, Buffer>();
+    const tenants = new Set<string>();
+    let duplicate: HallmarkError | undefined;
+    for (let i = 0; i < n; i++) {
+      const given = devices.at(i)!;
+      const d = prepareRegistration(given, i);
+      tenants.add(d.tenant);
+      if (d.publicKeySpki !== given.publicKeySpki) canonical.set(i, d.publicKeySpki);
+      if (duplicate) continue;
+      const dupU = udidIndex.add(d.udid);
+      const dupK = keyIndex.add(d.keyHash);
+      if (dupU >= 0 || dupK >= 0) duplicate = new HallmarkError('CLONE_DETECTED', `entry ${i + 1}: the same ${dupU >= 0 ? 'UDID' : 'public key'} as entry ${(dupU >= 0 ? dupU : dupK) + 1} of this input`);
     }
+    if (duplicate) throw duplicate;
+    T('prepared');
+    const udidOf = (i: number): string => udidIndex.string(i);
+    const keyHash = (i: number): string => keyIndex.string(i);
+    const spkiOf = (i: number, d: DeviceRegistration): Buffer => canonical.get(i) ?? d.publicKeySpki;
+
     let clone: { event: AuditEvent; message: string } | undefined;
     try {
       return await this.store.writeTransaction(async (trx) => {
@@ -218,72 +253,138 @@ export class Registry {
         if (!batch) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${JSON.stringify(batchId)}`);
         if (batch.expires_at && new Date(batch.expires_at) <= new Date()) throw new HallmarkError('BATCH_EXPIRED', `batch ${batchId} expired at ${batch.expires_at}`);
         const now = new Date();
-        const outcomes: RegistrationOutcome[] = [];
-        const inserts: Database['devices'][] = [];
-        const events: AuditEvent[] = [];
-        const tenants = new Set(prepared.map((d) => d.tenant));
+        const outcomes = new Array<RegistrationOutcome>(n);
+        const previousBatch = new Map<number, string>(); // re-registered devices: the batch they left
         for (const t of tenants) await this.#ensureTenant(trx, t);
-        // Look up existing holders of these UDIDs and keys in chunks (bound-parameter limits).
-        const existingByUdid = new Map<string, DeviceRow>();
-        const existingByKey = new Map<string, DeviceRow>();
-        for (let i = 0; i < prepared.length; i += 400) {
-          const chunk = prepared.slice(i, i + 400);
-          const rows = await trx.selectFrom('devices').selectAll()
-            .where((eb) => eb.or([eb('udid', 'in', chunk.map((d) => d.udid)), eb('public_key_sha256', 'in', chunk.map((d) => d.keyHash))])).execute();
-          for (const r of rows) { existingByUdid.set(r.udid, r); existingByKey.set(r.public_key_sha256, r); }
-        }
-        for (const [i, d] of prepared.entries()) {
-          const byUdid = existingByUdid.get(d.udid);
-          const byKey = existingByKey.get(d.keyHash);
-          const holder = byUdid ?? byKey;
-          if (holder) {
-            const same = holder.udid === d.udid && holder.public_key_sha256 === d.keyHash;
-            if (same && holder.batch_id === batchId && holder.state !== 'decommissioned') { outcomes.push('unchanged'); continue; }
-            if (same && holder.state === 'decommissioned') {
-              // Registered anew after end of life: back to "registered", in this batch.
-              if (d.birthCertificate && this.#birthCheck) await this.#birthCheck(trx, d.birthCertificate, d.publicKeySpki, now, d.birthCertificateChain);
-              await trx.updateTable('devices').set({ state: 'registered', batch_id: batchId, product_id: batch.product_id, line_id: batch.line_id, tenant: d.tenant, serial_number: d.serialNumber, birth_cert_der: d.birthCertificate ?? holder.birth_cert_der, updated_at: nowIso(), provisioned_at: null }).where('udid', '=', d.udid).execute();
-              events.push({ actor, action: 'device.reregister', target: d.udid, details: { batch: batchId, previousBatch: holder.batch_id } });
-              outcomes.push('re-registered');
-              continue;
+        const restoreCache = await this.#bulkPageCache(trx, n);
+        try {
+          // 1. Each device in input order against the existing holders of its UDID and key (looked up
+          //    chunk by chunk): the first clone or bad birth certificate refuses the whole call.
+          for (let start = 0; start < n; start += LOOKUP_CHUNK) {
+            const end = Math.min(n, start + LOOKUP_CHUNK);
+            const chunkUdids: string[] = [];
+            const chunkKeys: string[] = [];
+            for (let i = start; i < end; i++) { chunkUdids.push(udidOf(i)); chunkKeys.push(keyHash(i)); }
+            const existingByUdid = new Map<string, Holder>();
+            const existingByKey = new Map<string, Holder>();
+            for (const r of await this.#holders(trx, chunkUdids, chunkKeys)) { existingByUdid.set(r.udid, r); existingByKey.set(r.public_key_sha256, r); }
+            for (let i = start; i < end; i++) {
+              const udid = chunkUdids[i - start]!;
+              const hash = chunkKeys[i - start]!;
+              const byUdid = existingByUdid.get(udid);
+              const byKey = existingByKey.get(hash);
+              const holder = byUdid ?? byKey;
+              if (!holder && !devices.at(i)!.birthCertificate) { outcomes[i] = 'registered'; continue; }
+              const d = devices.at(i)!;
+              if (holder) {
+                const same = holder.udid === udid && holder.public_key_sha256 === hash;
+                if (same && holder.batch_id === batchId && holder.state !== 'decommissioned') { outcomes[i] = 'unchanged'; continue; }
+                if (same && holder.state === 'decommissioned') {
+                  // Registered anew after end of life: back to "registered", in this batch.
+                  if (d.birthCertificate && this.#birthCheck) await this.#birthCheck(trx, d.birthCertificate, spkiOf(i, d), now, d.birthCertificateChain ?? []);
+                  await trx.updateTable('devices').set({
+                    state: 'registered', batch_id: batchId, product_id: batch.product_id, line_id: batch.line_id, tenant: d.tenant ?? DEFAULT_TENANT, serial_number: d.serialNumber ?? null,
+                    // Without a new birth certificate, the one on record stays.
+                    ...(d.birthCertificate ? { birth_cert_der: d.birthCertificate } : {}), updated_at: nowIso(), provisioned_at: null,
+                  }).where('udid', '=', udid).execute();
+                  previousBatch.set(i, holder.batch_id);
+                  outcomes[i] = 're-registered';
+                  continue;
+                }
+                const what = byUdid && byUdid.public_key_sha256 !== hash ? 'UDID is registered with a different key' : byKey && byKey.udid !== udid ? 'public key is registered under another UDID' : 'device is registered in another batch';
+                clone = {
+                  message: `entry ${i + 1} (UDID ${udid}): ${what} (batch ${holder.batch_id}); refused as a possible clone`,
+                  event: { actor, action: 'device.clone_refused', target: udid, details: { batch: batchId, existingBatch: holder.batch_id, existingUdid: holder.udid, reason: what, source } },
+                };
+                throw new HallmarkError('CLONE_DETECTED', clone.message);
+              }
+              if (!this.#birthCheck) throw new HallmarkError('BIRTH_CERT_INVALID', 'no vendor trust store is configured to check birth certificates');
+              try {
+                await this.#birthCheck(trx, d.birthCertificate!, spkiOf(i, d), now, d.birthCertificateChain ?? []);
+              } catch (err) {
+                if (err instanceof HallmarkError) throw new HallmarkError(err.code, `entry ${i + 1} (UDID ${udid}): ${err.message}`);
+                throw err;
+              }
+              outcomes[i] = 'registered';
             }
-            const what = byUdid && byUdid.public_key_sha256 !== d.keyHash ? 'UDID is registered with a different key' : byKey && byKey.udid !== d.udid ? 'public key is registered under another UDID' : 'device is registered in another batch';
-            clone = {
-              message: `entry ${i + 1} (UDID ${d.udid}): ${what} (batch ${holder.batch_id}); refused as a possible clone`,
-              event: { actor, action: 'device.clone_refused', target: d.udid, details: { batch: batchId, existingBatch: holder.batch_id, existingUdid: holder.udid, reason: what, source } },
-            };
-            throw new HallmarkError('CLONE_DETECTED', clone.message);
           }
-          if (d.birthCertificate) {
-            if (!this.#birthCheck) throw new HallmarkError('BIRTH_CERT_INVALID', 'no vendor trust store is configured to check birth certificates');
-            try {
-              await this.#birthCheck(trx, d.birthCertificate, d.publicKeySpki, now, d.birthCertificateChain);
-            } catch (err) {
-              if (err instanceof HallmarkError) throw new HallmarkError(err.code, `entry ${i + 1} (UDID ${d.udid}): ${err.message}`);
-              throw err;
+
+          T('decided');
+          // 2. The new devices, in UDID order.
+          await this.#insertInUdidOrder(trx, batch, devices, outcomes, udidOf, keyHash, spkiOf);
+
+          T('inserted');
+          // 3. One audit entry per registered or re-registered device, in input order, then the summary:
+          //    all in this transaction.
+          const summaryEvent = summary?.(outcomes);
+          const auditAt = new Date();
+          let events: AuditEvent[] = [];
+          for (let i = 0; i < n; i++) {
+            const outcome = outcomes[i];
+            if (outcome === 'registered') {
+              const d = devices.at(i)!;
+              events.push({ actor, action: source, target: udidOf(i), details: { batch: batchId, serialNumber: d.serialNumber ?? null, tenant: d.tenant ?? DEFAULT_TENANT, birthCertificate: !!d.birthCertificate } });
+            } else if (outcome === 're-registered') {
+              events.push({ actor, action: 'device.reregister', target: udidOf(i), details: { batch: batchId, previousBatch: previousBatch.get(i) } });
             }
+            if (events.length >= AUDIT_CHUNK) { await appendAudit(trx, events, auditAt); events = []; }
           }
-          const at = nowIso();
-          inserts.push({
-            udid: d.udid, public_key_spki: d.publicKeySpki, public_key_sha256: d.keyHash, serial_number: d.serialNumber, product_id: batch.product_id,
-            line_id: batch.line_id, batch_id: batchId, tenant: d.tenant, birth_cert_der: d.birthCertificate ?? null, state: 'registered',
-            created_at: at, updated_at: at, provisioned_at: null,
-          });
-          events.push({ actor, action: source, target: d.udid, details: { batch: batchId, serialNumber: d.serialNumber, tenant: d.tenant, birthCertificate: !!d.birthCertificate } });
-          outcomes.push('registered');
+          if (summaryEvent) events.push(summaryEvent);
+          await appendAudit(trx, events, auditAt);
+          T('audited');
+          return outcomes;
+        } finally {
+          await restoreCache().catch(() => { /* the cache size is only memory; the transaction's outcome matters */ });
         }
-        for (let i = 0; i < inserts.length; i += 200) await trx.insertInto('devices').values(inserts.slice(i, i + 200)).execute();
-        // A summary (e.g. of a manifest import) commits with the devices it describes.
-        const summaryEvent = summary?.(outcomes);
-        if (summaryEvent) events.push(summaryEvent);
-        await appendAudit(trx, events);
-        return outcomes;
       });
     } catch (err) {
       if (clone) await this.#auditRefusal(clone.event);
       if (isUniqueViolation(err)) throw new HallmarkError('CLONE_DETECTED', 'a UDID or public key was registered concurrently by another device; refused as a possible clone', { cause: err });
       throw err;
     }
+  }
+
+  /** Inserts the devices whose outcome is "registered", sorted by UDID: three of the four device indexes then grow at their end. */
+  async #insertInUdidOrder(trx: Transaction<Database>, batch: BatchRow, devices: DeviceRegistrationList, outcomes: readonly RegistrationOutcome[],
+    udidOf: (i: number) => string, keyHash: (i: number) => string, spkiOf: (i: number, d: DeviceRegistration) => Buffer): Promise<void> {
+    const order: number[] = [];
+    const names: string[] = [];
+    for (let i = 0; i < outcomes.length; i++) if (outcomes[i] === 'registered') { order.push(i); names[i] = udidOf(i); }
+    const sorted = Uint32Array.from(order).sort((a, b) => (names[a]! < names[b]! ? -1 : 1));
+    const insert = this.store.dialect === 'postgres' ? insertDevicesPostgres : insertDevicesSqlite;
+    for (let k = 0; k < sorted.length; k += INSERT_ROWS) {
+      const rows: DeviceInsert[] = [];
+      for (const i of sorted.subarray(k, k + INSERT_ROWS)) {
+        const d = devices.at(i)!;
+        rows.push({ udid: names[i]!, spki: spkiOf(i, d), keyHash: keyHash(i), serial: d.serialNumber ?? null, tenant: d.tenant ?? DEFAULT_TENANT, birth: d.birthCertificate ?? null });
+      }
+      await insert(trx, batch, rows, nowIso());
+    }
+  }
+
+  /** The devices holding any of these UDIDs or key hashes (hex SHA-256 of the SPKI DER). */
+  async #holders(trx: Transaction<Database>, udids: readonly string[], keyHashes: readonly string[]): Promise<Holder[]> {
+    if (this.store.dialect === 'postgres') {
+      const { rows } = await sql<Holder>`select udid, public_key_sha256, batch_id, state from devices where udid = any(${udids}::text[]) or public_key_sha256 = any(${keyHashes}::text[])`.execute(trx);
+      return rows;
+    }
+    const { rows } = await trx.executeQuery<Holder>(CompiledQuery.raw(`select udid, public_key_sha256, batch_id, state from devices
+      where udid in (select value from json_each(?)) or public_key_sha256 in (select value from json_each(?))`, [JSON.stringify(udids), JSON.stringify(keyHashes)]));
+    return rows;
+  }
+
+  /**
+   * SQLite: a bulk registration writes a million rows into four indexes at once; with the default 2 MB
+   * page cache most of those writes miss it. A larger cache on this connection while it runs (memory,
+   * not durability: synchronous=FULL and the single transaction are unchanged). Returns the restorer.
+   */
+  async #bulkPageCache(trx: Transaction<Database>, devices: number): Promise<() => Promise<void>> {
+    if (this.store.dialect !== 'sqlite' || devices < BULK_DEVICES) return async () => {};
+    const { rows } = await sql<{ cache_size: number }>`pragma cache_size`.execute(trx);
+    const previous = Number(rows[0]?.cache_size ?? -2000);
+    if (previous < 0 && -previous >= BULK_PAGE_CACHE_KIB) return async () => {};
+    await sql.raw(`pragma cache_size = -${BULK_PAGE_CACHE_KIB}`).execute(trx);
+    return async () => { await sql.raw(`pragma cache_size = ${Math.trunc(previous)}`).execute(trx); };
   }
 
   async registerDevice(batchId: string, device: DeviceRegistration, actor: string): Promise<DeviceInfo> {
@@ -402,6 +503,148 @@ function deviceInfo(r: { udid: string; serial_number: string | null; state: Devi
     udid: r.udid, serialNumber: r.serial_number, state: r.state, product: r.product, line: r.line, batch: r.batch_id, tenant: r.tenant,
     publicKeySha256: r.public_key_sha256, hasBirthCertificate: r.birth_cert_der !== null, createdAt: r.created_at, updatedAt: r.updated_at, provisionedAt: r.provisioned_at,
   };
+}
+
+/**
+ * Keys seen so far (UDIDs, key digests), each the number of the entry that brought it, for finding
+ * duplicates among a million entries: the key bytes packed in one buffer and an open-addressing table of
+ * entry numbers. A Map of strings costs about twice the memory, and its million strings are objects the
+ * garbage collector copies and marks again and again during an import.
+ */
+export class KeyIndex {
+  #bytes = Buffer.allocUnsafeSlow(64 * 1024);
+  /** Entry e's key is #bytes[#starts[e], #starts[e + 1]). */
+  #starts: Int32Array;
+  #slots: Int32Array;
+  #mask: number;
+  #size = 0;
+
+  /** `expected`: how many keys are coming, when known (the table is then never rebuilt). */
+  constructor(expected = 512) {
+    this.#starts = new Int32Array(Math.max(1024, expected) + 1);
+    let slots = 1024;
+    while (slots < expected * 2) slots *= 2;
+    this.#slots = new Int32Array(slots);
+    this.#mask = slots - 1;
+  }
+
+  get size(): number { return this.#size; }
+
+  /**
+   * Adds `key` as entry `size` and returns -1, or returns the entry that already holds the same bytes,
+   * adding nothing. A string key is taken as latin1, one byte a character: hex, or a binary digest.
+   */
+  add(key: string | Buffer): number {
+    const start = this.#starts[this.#size]!;
+    const length = key.length;
+    if (start + length > this.#bytes.length) {
+      const grown = Buffer.allocUnsafeSlow(Math.max(this.#bytes.length * 2, start + length));
+      this.#bytes.copy(grown, 0, 0, start);
+      this.#bytes = grown;
+    }
+    const bytes = this.#bytes;
+    if (typeof key === 'string') bytes.write(key, start, length, 'latin1'); else key.copy(bytes, start);
+    const end = start + length;
+    let slot = hashBytes(bytes, start, end) & this.#mask;
+    for (let e = this.#slots[slot]!; e !== 0; e = this.#slots[slot]!) {
+      const s = this.#starts[e - 1]!;
+      if (this.#starts[e]! - s === length && bytes.compare(bytes, start, end, s, s + length) === 0) return e - 1;
+      slot = (slot + 1) & this.#mask;
+    }
+    this.#slots[slot] = ++this.#size;
+    if (this.#size + 1 >= this.#starts.length) {
+      const grown = new Int32Array(this.#starts.length * 2);
+      grown.set(this.#starts);
+      this.#starts = grown;
+    }
+    this.#starts[this.#size] = end;
+    if (this.#size * 2 > this.#slots.length) this.#rehash();
+    return -1;
+  }
+
+  /** Takes back the entry added last (its slot can be emptied: no later key probed past it). */
+  removeLast(): void {
+    if (this.#size === 0) return;
+    const e = this.#size;
+    const s = this.#starts[e - 1]!;
+    let slot = hashBytes(this.#bytes, s, this.#starts[e]!) & this.#mask;
+    while (this.#slots[slot] !== e) slot = (slot + 1) & this.#mask;
+    this.#slots[slot] = 0;
+    this.#size--;
+  }
+
+  /** Forgets every key (and gives back their memory). */
+  clear(): void {
+    this.#bytes = Buffer.allocUnsafeSlow(1024);
+    this.#starts = new Int32Array(1025);
+    this.#slots = new Int32Array(1024);
+    this.#mask = 1023;
+    this.#size = 0;
+  }
+
+  /** Entry e's key as a string (latin1, as it was added). */
+  string(e: number): string {
+    return this.#bytes.toString('latin1', this.#starts[e]!, this.#starts[e + 1]!);
+  }
+
+  #rehash(): void {
+    const slots = new Int32Array(this.#slots.length * 2);
+    const mask = slots.length - 1;
+    for (let e = 1; e <= this.#size; e++) {
+      let slot = hashBytes(this.#bytes, this.#starts[e - 1]!, this.#starts[e]!) & mask;
+      while (slots[slot] !== 0) slot = (slot + 1) & mask;
+      slots[slot] = e;
+    }
+    this.#slots = slots;
+    this.#mask = mask;
+  }
+}
+
+/** FNV-1a over bytes[start, end), mixed at the end so that the low bits (the slot) depend on every byte. */
+function hashBytes(bytes: Buffer, start: number, end: number): number {
+  let h = 0x811c9dc5;
+  for (let i = start; i < end; i++) h = Math.imul(h ^ bytes[i]!, 0x01000193);
+  h ^= h >>> 15;
+  h = Math.imul(h, 0x2c1b3c6d);
+  return (h ^ (h >>> 12)) >>> 0;
+}
+
+/** The columns of an existing device that decide what happens to a registration of the same UDID or key. */
+interface Holder { udid: string; public_key_sha256: string; batch_id: string; state: DeviceState }
+
+/** A new device row, less what the batch and the time give. */
+interface DeviceInsert { udid: string; spki: Buffer; keyHash: string; serial: string | null; tenant: string; birth: Buffer | null }
+
+/** Devices per holder lookup. */
+const LOOKUP_CHUNK = 2000;
+/** Rows per insert statement (their columns travel as JSON on SQLite, as arrays on PostgreSQL). */
+const INSERT_ROWS = 1000;
+/** Audit entries appended at a time (the chain is continued from one append to the next). */
+const AUDIT_CHUNK = 5000;
+/** From this many devices in one call, SQLite gets BULK_PAGE_CACHE_KIB of page cache for it. */
+const BULK_DEVICES = 20_000;
+const BULK_PAGE_CACHE_KIB = 64 * 1024;
+
+const DEVICE_COLUMNS = '(udid, public_key_spki, public_key_sha256, serial_number, product_id, line_id, batch_id, tenant, birth_cert_der, state, created_at, updated_at, provisioned_at)';
+
+/**
+ * SQLite: one INSERT … SELECT FROM json_each(?) per call. The rows travel as one JSON parameter (keys
+ * and certificates in hex), so the statement is short whatever the row count: Kysely would build and
+ * compile thirteen values a row, and SQLite parse and plan a statement of 13,000 parameters each time.
+ */
+async function insertDevicesSqlite(trx: Transaction<Database>, batch: BatchRow, rows: readonly DeviceInsert[], at: string): Promise<void> {
+  const json = JSON.stringify(rows.map((r) => [r.udid, r.spki.toString('hex'), r.keyHash, r.serial, r.tenant, r.birth ? r.birth.toString('hex') : null]));
+  await trx.executeQuery(CompiledQuery.raw(`insert into devices ${DEVICE_COLUMNS}
+    select value ->> 0, unhex(value ->> 1), value ->> 2, value ->> 3, ?, ?, ?, value ->> 4, unhex(value ->> 5), 'registered', ?, ?, null from json_each(?)`,
+  [batch.product_id, batch.line_id, batch.id, at, at, json]));
+}
+
+/** PostgreSQL: one INSERT … SELECT FROM unnest(arrays) per call: thirteen parameters whatever the row count. */
+async function insertDevicesPostgres(trx: Transaction<Database>, batch: BatchRow, rows: readonly DeviceInsert[], at: string): Promise<void> {
+  await sql`insert into devices ${sql.raw(DEVICE_COLUMNS)}
+    select u, k, h, s, ${batch.product_id}::integer, ${batch.line_id}::integer, ${batch.id}::text, t, b, 'registered', ${at}::text, ${at}::text, null
+    from unnest(${rows.map((r) => r.udid)}::text[], ${rows.map((r) => r.spki)}::bytea[], ${rows.map((r) => r.keyHash)}::text[],
+                ${rows.map((r) => r.serial)}::text[], ${rows.map((r) => r.tenant)}::text[], ${rows.map((r) => r.birth)}::bytea[]) as x(u, k, h, s, t, b)`.execute(trx);
 }
 
 interface PreparedRegistration {

@@ -16,7 +16,8 @@ import { open, readFile } from 'node:fs/promises';
 import { HallmarkError } from '../../errors.js';
 import type { Store } from '../../store/database.js';
 import { checkBirthCertificate, verifyBirthCertificate } from '../birth-certificates.js';
-import { Registry, type BirthCertificateCheck, type DeviceRegistration, type RegistrationOutcome } from '../registry.js';
+import { KeyIndex, Registry, type BirthCertificateCheck, type RegistrationOutcome } from '../registry.js';
+import { CompactDevices, keyDigest } from './compact.js';
 import type { BirthCheck, ParsedEntry } from './entries.js';
 import { microchipEntries } from './microchip.js';
 import { csvEntries, decodeSignatureFile, fileChunks, lines, ndjsonEntries, verifyDetachedSignature } from './signed-list.js';
@@ -153,11 +154,12 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
   }
 
   // The pass: verify everything, keep compact registrations, store nothing.
-  const devices: DeviceRegistration[] = [];
+  const devices = new CompactDevices();
   const positions: number[] = [];
   const invalid: InvalidEntry[] = [];
-  const byUdid = new Map<string, number>();
-  const byKey = new Map<string, number>();
+  // Entry e of each index is device e: its UDID, its key's digest.
+  const udids = new KeyIndex();
+  const keys = new KeyIndex();
   let total = 0;
   const refuse = (e: InvalidEntry): void => {
     if (!options.skipInvalid) {
@@ -171,21 +173,19 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
     total++;
     if (!entry.ok) { refuse({ where: entry.where, udid: entry.udid, reason: entry.reason, code: entry.code }); continue; }
     const { device, position } = entry;
-    const keyHash = createHash('sha256').update(device.publicKeySpki).digest().toString('latin1');
-    const sameUdid = byUdid.get(device.udid);
-    const sameKey = byKey.get(keyHash);
-    if (sameUdid !== undefined || sameKey !== undefined) {
-      const what = sameUdid !== undefined ? 'UDID' : 'public key';
-      refuse({ where: label(format, position, device.udid), udid: device.udid, reason: `the same ${what} as ${format === 'microchip' ? 'entry' : 'line'} ${sameUdid ?? sameKey} of this file`, code: 'MANIFEST_INVALID' });
+    const sameUdid = udids.add(device.udid);
+    const sameKey = sameUdid >= 0 ? -1 : keys.add(keyDigest(device.publicKeySpki));
+    if (sameUdid >= 0 || sameKey >= 0) {
+      if (sameUdid < 0) udids.removeLast();
+      const what = sameUdid >= 0 ? 'UDID' : 'public key';
+      refuse({ where: label(format, position, device.udid), udid: device.udid, reason: `the same ${what} as ${format === 'microchip' ? 'entry' : 'line'} ${positions[sameUdid >= 0 ? sameUdid : sameKey]} of this file`, code: 'MANIFEST_INVALID' });
       continue;
     }
-    byUdid.set(device.udid, position);
-    byKey.set(keyHash, position);
     devices.push(device);
     positions.push(position);
   }
-  byUdid.clear();
-  byKey.clear();
+  udids.clear();
+  keys.clear();
   const fileSha256 = hash.digest('hex');
   if (listSha256 !== undefined && listSha256 !== fileSha256) {
     throw new HallmarkError('MANIFEST_INVALID', 'the file changed while it was being imported (its SHA-256 differs from the signed one); nothing was imported');
@@ -217,7 +217,7 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
     if (err instanceof HallmarkError) {
       const m = /^entry (\d+)( \(UDID [0-9a-f]+\))?: /.exec(err.message);
       const pos = m ? positions[Number(m[1]) - 1] : undefined;
-      const dev = m ? devices[Number(m[1]) - 1] : undefined;
+      const dev = m ? devices.at(Number(m[1]) - 1) : undefined;
       if (pos !== undefined && dev?.udid) throw new HallmarkError(err.code, `${label(format, pos, dev.udid)}: ${err.message.slice(m![0].length)}; nothing was imported`, { cause: err });
     }
     throw err;

@@ -48,13 +48,21 @@ export async function* jsonArrayElements(chunks: AsyncIterable<Buffer>): AsyncGe
     for (; i < chunk.length; i++) {
       const c = chunk[i]!;
       if (depth > 0) {
-        if (c === 0x0a) line++;
         if (inString) {
-          if (escaped) escaped = false;
-          else if (c === 0x5c) escaped = true;
-          else if (c === 0x22) inString = false;
+          // Jump to the next quote (memchr) and tell whether it is escaped by the backslashes before it.
+          // Newlines inside a string are not counted: a raw newline there is invalid JSON, and the
+          // element fails (naming its first line) before any later line number is reported.
+          if (escaped) { escaped = false; continue; }
+          const q = chunk.indexOf(0x22, i);
+          const stop = q < 0 ? chunk.length : q;
+          let backslashes = 0;
+          while (stop - backslashes - 1 >= i && chunk[stop - backslashes - 1] === 0x5c) backslashes++;
+          if (q < 0) { escaped = (backslashes & 1) === 1; i = chunk.length; continue; }
+          if ((backslashes & 1) === 0) inString = false;
+          i = q;
           continue;
         }
+        if (c === 0x0a) line++;
         if (c === 0x22) inString = true;
         else if (c === 0x7b || c === 0x5b) depth++;
         else if (c === 0x7d || c === 0x5d) {
@@ -63,7 +71,7 @@ export async function* jsonArrayElements(chunks: AsyncIterable<Buffer>): AsyncGe
             parts.push(chunk.subarray(from, i + 1));
             size += i + 1 - from;
             if (size > MAX_ELEMENT_BYTES) throw new HallmarkError('INPUT_TOO_LARGE', `entry ${index} (line ${startLine}) is over ${MAX_ELEMENT_BYTES} bytes`);
-            const text = Buffer.concat(parts, size).toString('utf8');
+            const text = parts.length === 1 ? parts[0]!.toString('utf8') : Buffer.concat(parts, size).toString('utf8');
             parts = [];
             size = 0;
             from = -1;

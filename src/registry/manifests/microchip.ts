@@ -9,9 +9,9 @@
 // entry a device: UDID = uniqueId (lowercase hex), key = the JWK as SPKI, birth certificate = x5c[0],
 // chain = x5c[1..].
 
-import { verify as cryptoVerify } from 'node:crypto';
+import { verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { EntryError, birthChecked, checkCertificateKey, checkUdid, decodeBase64, decodeBase64Url, entryFailure, type BirthCheck, type ManifestDevice, type ParsedEntry } from './entries.js';
-import { jsonArrayElements } from './json-array.js';
+import { jsonArrayElements, type ArrayElement } from './json-array.js';
 import { P256_SPKI_PREFIX, isP256Point } from '../../pki/p256.js';
 import type { ManifestSigner } from './signers.js';
 
@@ -80,7 +80,19 @@ function jwkToSpki(jwk: unknown, udid: string): Buffer {
   return Buffer.concat([P256_SPKI_PREFIX, x, y]);
 }
 
-async function entryDevice(value: unknown, selectSigner: ReturnType<typeof signerSelector>, options: MicrochipOptions, used: Set<ManifestSigner>): Promise<ManifestDevice> {
+/** Entries whose signatures are being verified at once (on the libuv thread pool, off the event loop). */
+const IN_FLIGHT = 256;
+
+function verifyEs256(input: Buffer, key: KeyObject, signature: Buffer): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    cryptoVerify('sha256', input, { key, dsaEncoding: 'ieee-p1363' }, signature, (err, ok) => (err ? reject(err) : resolve(ok)));
+  });
+}
+
+/** What an entry check learnt before it ended: the signer, once its signature verified. */
+interface EntryProgress { signer?: ManifestSigner }
+
+async function entryDevice(value: unknown, selectSigner: ReturnType<typeof signerSelector>, options: MicrochipOptions, progress: EntryProgress): Promise<ManifestDevice> {
   if (!isObject(value)) throw new EntryError('the entry is not a JSON object');
   const hinted = isObject(value.header) && typeof value.header.uniqueId === 'string' ? value.header.uniqueId.toLowerCase().slice(0, 64) : undefined;
   if (typeof value.protected !== 'string' || typeof value.payload !== 'string' || typeof value.signature !== 'string') {
@@ -91,10 +103,10 @@ async function entryDevice(value: unknown, selectSigner: ReturnType<typeof signe
   const signature = decodeBase64Url(value.signature, 'signature', hinted);
   if (signature.length !== 64) throw new EntryError(`the ES256 signature is ${signature.length} bytes; expected 64 (r||s)`, hinted);
   const signingInput = Buffer.from(`${value.protected}.${value.payload}`, 'ascii');
-  if (!cryptoVerify('sha256', signingInput, { key: signer.key, dsaEncoding: 'ieee-p1363' }, signature)) {
+  if (!(await verifyEs256(signingInput, signer.key, signature))) {
     throw new EntryError(`the signature does not verify with signer ${signer.name} (sha256 ${signer.sha256.slice(0, 16)}…)`, hinted);
   }
-  if (!used.has(signer)) { used.add(signer); options.onSigner?.(signer); }
+  progress.signer = signer;
   // 2. The signed payload.
   const payload = parseJsonPart(decodeBase64Url(value.payload, 'payload', hinted), 'payload', hinted);
   if (typeof payload.uniqueId !== 'string') throw new EntryError('the payload has no uniqueId', hinted);
@@ -122,18 +134,50 @@ async function entryDevice(value: unknown, selectSigner: ReturnType<typeof signe
   return device;
 }
 
-/** Yields every entry of a Microchip manifest, verified, or the reason it is invalid. */
+/**
+ * Yields every entry of a Microchip manifest, verified, or the reason it is invalid, in file order.
+ * Up to IN_FLIGHT entries are checked at once (their signatures verify on the thread pool while the
+ * next entries are read); each is yielded only when its own check is complete, and nothing of its
+ * payload is read before its signature has verified.
+ */
 export async function* microchipEntries(chunks: AsyncIterable<Buffer>, options: MicrochipOptions): AsyncGenerator<ParsedEntry> {
   const selectSigner = signerSelector(options.signers);
   const used = new Set<ManifestSigner>();
-  for await (const el of jsonArrayElements(chunks)) {
-    const hinted = isObject(el.value) && isObject(el.value.header) && typeof el.value.header.uniqueId === 'string' ? el.value.header.uniqueId : undefined;
-    try {
-      const device = await entryDevice(el.value, selectSigner, options, used);
-      yield { ok: true, position: el.index, device };
-    } catch (err) {
-      const udid = err instanceof EntryError ? err.udid ?? hinted : hinted;
-      yield entryFailure(`entry ${el.index}${udid ? ` (uniqueId ${udid})` : ''}`, err);
+  interface Pending { readonly index: number; readonly hinted?: string; readonly progress: EntryProgress; readonly device: Promise<ManifestDevice> }
+  const pending: Pending[] = [];
+  // In file order: signers are reported as they are first used, failures named.
+  const settle = async (p: Pending): Promise<ParsedEntry> => {
+    let device: ManifestDevice | undefined;
+    let failure: unknown;
+    try { device = await p.device; } catch (err) { failure = err; }
+    const signer = p.progress.signer;
+    if (signer && !used.has(signer)) { used.add(signer); options.onSigner?.(signer); }
+    if (device) return { ok: true, position: p.index, device };
+    const udid = failure instanceof EntryError ? failure.udid ?? p.hinted : p.hinted;
+    return entryFailure(`entry ${p.index}${udid ? ` (uniqueId ${udid})` : ''}`, failure);
+  };
+  const elements = jsonArrayElements(chunks)[Symbol.asyncIterator]();
+  try {
+    for (;;) {
+      let next: IteratorResult<ArrayElement>;
+      try {
+        next = await elements.next();
+      } catch (err) {
+        // A structural error after entry n: entries before it are reported first, as they come first.
+        while (pending.length > 0) yield await settle(pending.shift()!);
+        throw err;
+      }
+      if (next.done) break;
+      const el = next.value;
+      const hinted = isObject(el.value) && isObject(el.value.header) && typeof el.value.header.uniqueId === 'string' ? el.value.header.uniqueId : undefined;
+      const progress: EntryProgress = {};
+      const device = entryDevice(el.value, selectSigner, options, progress);
+      device.catch(() => { /* settled in turn, or dropped when the import stops at an earlier entry */ });
+      pending.push({ index: el.index, hinted, progress, device });
+      if (pending.length >= IN_FLIGHT) yield await settle(pending.shift()!);
     }
+    while (pending.length > 0) yield await settle(pending.shift()!);
+  } finally {
+    await elements.return?.(undefined);
   }
 }
