@@ -220,13 +220,11 @@ export class Registry {
    */
   async registerDevices(batchId: string, devices: DeviceRegistrationList, actor: string, source = 'device.register', summary?: (outcomes: readonly RegistrationOutcome[]) => AuditEvent | undefined): Promise<RegistrationOutcome[]> {
     const n = devices.length;
-    const T = (l: string) => { if (process.env.HM_T) { const m = process.memoryUsage(); console.error(`[t] ${l} ${(performance.now() / 1000).toFixed(2)} maxrss ${Math.round(process.resourceUsage().maxRSS / 1024)} rss ${Math.round(m.rss / 1048576)} heap ${Math.round(m.heapUsed / 1048576)}/${Math.round(m.heapTotal / 1048576)} ab ${Math.round(m.arrayBuffers / 1048576)}`); } };
-    T('start');
     // Every entry is checked before any is compared (a malformed entry anywhere is reported first),
     // then the first UDID or key seen twice in this input refuses the call. Kept per device: its UDID
     // and key hash (entry i of each index), and its key DER when the given one was not canonical.
-    const udidIndex = new KeyIndex(n);
-    const keyIndex = new KeyIndex(n);
+    const udidIndex = new KeyIndex('hex', n);
+    const keyIndex = new KeyIndex('hex', n);
     const canonical = new Map<number, Buffer>();
     const tenants = new Set<string>();
     let duplicate: HallmarkError | undefined;
@@ -241,7 +239,6 @@ export class Registry {
       if (dupU >= 0 || dupK >= 0) duplicate = new HallmarkError('CLONE_DETECTED', `entry ${i + 1}: the same ${dupU >= 0 ? 'UDID' : 'public key'} as entry ${(dupU >= 0 ? dupU : dupK) + 1} of this input`);
     }
     if (duplicate) throw duplicate;
-    T('prepared');
     const udidOf = (i: number): string => udidIndex.string(i);
     const keyHash = (i: number): string => keyIndex.string(i);
     const spkiOf = (i: number, d: DeviceRegistration): Buffer => canonical.get(i) ?? d.publicKeySpki;
@@ -309,11 +306,9 @@ export class Registry {
             }
           }
 
-          T('decided');
           // 2. The new devices, in UDID order.
           await this.#insertInUdidOrder(trx, batch, devices, outcomes, udidOf, keyHash, spkiOf);
 
-          T('inserted');
           // 3. One audit entry per registered or re-registered device, in input order, then the summary:
           //    all in this transaction.
           const summaryEvent = summary?.(outcomes);
@@ -331,7 +326,6 @@ export class Registry {
           }
           if (summaryEvent) events.push(summaryEvent);
           await appendAudit(trx, events, auditAt);
-          T('audited');
           return outcomes;
         } finally {
           await restoreCache().catch(() => { /* the cache size is only memory; the transaction's outcome matters */ });
@@ -344,19 +338,30 @@ export class Registry {
     }
   }
 
-  /** Inserts the devices whose outcome is "registered", sorted by UDID: three of the four device indexes then grow at their end. */
+  /**
+   * Inserts the devices whose outcome is "registered", sorted by UDID: three of the four device indexes
+   * then grow at their end instead of at random pages. The sort key is the UDID's first 12 hex digits
+   * as a number (right-padded with "0", which keeps the order), ties broken on the whole UDID.
+   */
   async #insertInUdidOrder(trx: Transaction<Database>, batch: BatchRow, devices: DeviceRegistrationList, outcomes: readonly RegistrationOutcome[],
     udidOf: (i: number) => string, keyHash: (i: number) => string, spkiOf: (i: number, d: DeviceRegistration) => Buffer): Promise<void> {
-    const order: number[] = [];
-    const names: string[] = [];
-    for (let i = 0; i < outcomes.length; i++) if (outcomes[i] === 'registered') { order.push(i); names[i] = udidOf(i); }
-    const sorted = Uint32Array.from(order).sort((a, b) => (names[a]! < names[b]! ? -1 : 1));
+    let count = 0;
+    for (const o of outcomes) if (o === 'registered') count++;
+    const order = new Uint32Array(count);
+    const prefix = new Float64Array(outcomes.length);
+    for (let i = 0, k = 0; i < outcomes.length; i++) {
+      if (outcomes[i] !== 'registered') continue;
+      order[k++] = i;
+      const udid = udidOf(i);
+      prefix[i] = parseInt(udid.length >= 12 ? udid.slice(0, 12) : udid.padEnd(12, '0'), 16);
+    }
+    order.sort((a, b) => prefix[a]! - prefix[b]! || (udidOf(a) < udidOf(b) ? -1 : 1));
     const insert = this.store.dialect === 'postgres' ? insertDevicesPostgres : insertDevicesSqlite;
-    for (let k = 0; k < sorted.length; k += INSERT_ROWS) {
+    for (let k = 0; k < count; k += INSERT_ROWS) {
       const rows: DeviceInsert[] = [];
-      for (const i of sorted.subarray(k, k + INSERT_ROWS)) {
+      for (const i of order.subarray(k, k + INSERT_ROWS)) {
         const d = devices.at(i)!;
-        rows.push({ udid: names[i]!, spki: spkiOf(i, d), keyHash: keyHash(i), serial: d.serialNumber ?? null, tenant: d.tenant ?? DEFAULT_TENANT, birth: d.birthCertificate ?? null });
+        rows.push({ udid: udidOf(i), spki: spkiOf(i, d), keyHash: keyHash(i), serial: d.serialNumber ?? null, tenant: d.tenant ?? DEFAULT_TENANT, birth: d.birthCertificate ?? null });
       }
       await insert(trx, batch, rows, nowIso());
     }
@@ -512,6 +517,7 @@ function deviceInfo(r: { udid: string; serial_number: string | null; state: Devi
  * garbage collector copies and marks again and again during an import.
  */
 export class KeyIndex {
+  readonly #encoding: 'latin1' | 'hex';
   #bytes = Buffer.allocUnsafeSlow(64 * 1024);
   /** Entry e's key is #bytes[#starts[e], #starts[e + 1]). */
   #starts: Int32Array;
@@ -519,8 +525,13 @@ export class KeyIndex {
   #mask: number;
   #size = 0;
 
-  /** `expected`: how many keys are coming, when known (the table is then never rebuilt). */
-  constructor(expected = 512) {
+  /**
+   * `encoding`: how string keys become bytes — "latin1" (one byte a character: a binary digest) or "hex"
+   * (lowercase hex, e.g. a UDID or a SHA-256 in hex, kept at half the size). `expected`: how many keys
+   * are coming, when known (the table is then never rebuilt).
+   */
+  constructor(encoding: 'latin1' | 'hex' = 'latin1', expected = 512) {
+    this.#encoding = encoding;
     this.#starts = new Int32Array(Math.max(1024, expected) + 1);
     let slots = 1024;
     while (slots < expected * 2) slots *= 2;
@@ -530,20 +541,19 @@ export class KeyIndex {
 
   get size(): number { return this.#size; }
 
-  /**
-   * Adds `key` as entry `size` and returns -1, or returns the entry that already holds the same bytes,
-   * adding nothing. A string key is taken as latin1, one byte a character: hex, or a binary digest.
-   */
+  /** Adds `key` as entry `size` and returns -1, or returns the entry that already holds the same bytes, adding nothing. */
   add(key: string | Buffer): number {
     const start = this.#starts[this.#size]!;
-    const length = key.length;
+    const hex = typeof key === 'string' && this.#encoding === 'hex';
+    const length = hex ? key.length >> 1 : key.length;
     if (start + length > this.#bytes.length) {
       const grown = Buffer.allocUnsafeSlow(Math.max(this.#bytes.length * 2, start + length));
       this.#bytes.copy(grown, 0, 0, start);
       this.#bytes = grown;
     }
     const bytes = this.#bytes;
-    if (typeof key === 'string') bytes.write(key, start, length, 'latin1'); else key.copy(bytes, start);
+    if (typeof key !== 'string') key.copy(bytes, start);
+    else if (bytes.write(key, start, length, this.#encoding) !== length || (hex && (key.length & 1) === 1)) throw new Error(`KeyIndex: not ${this.#encoding}: ${JSON.stringify(key.slice(0, 80))}`);
     const end = start + length;
     let slot = hashBytes(bytes, start, end) & this.#mask;
     for (let e = this.#slots[slot]!; e !== 0; e = this.#slots[slot]!) {
@@ -582,9 +592,9 @@ export class KeyIndex {
     this.#size = 0;
   }
 
-  /** Entry e's key as a string (latin1, as it was added). */
+  /** Entry e's key as a string (in the index's encoding). */
   string(e: number): string {
-    return this.#bytes.toString('latin1', this.#starts[e]!, this.#starts[e + 1]!);
+    return this.#bytes.toString(this.#encoding, this.#starts[e]!, this.#starts[e + 1]!);
   }
 
   #rehash(): void {
@@ -639,7 +649,7 @@ async function insertDevicesSqlite(trx: Transaction<Database>, batch: BatchRow, 
   [batch.product_id, batch.line_id, batch.id, at, at, json]));
 }
 
-/** PostgreSQL: one INSERT … SELECT FROM unnest(arrays) per call: thirteen parameters whatever the row count. */
+/** PostgreSQL: one INSERT … SELECT FROM unnest(arrays) per call: eleven parameters whatever the row count. */
 async function insertDevicesPostgres(trx: Transaction<Database>, batch: BatchRow, rows: readonly DeviceInsert[], at: string): Promise<void> {
   await sql`insert into devices ${sql.raw(DEVICE_COLUMNS)}
     select u, k, h, s, ${batch.product_id}::integer, ${batch.line_id}::integer, ${batch.id}::text, t, b, 'registered', ${at}::text, ${at}::text, null

@@ -157,9 +157,9 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
   const devices = new CompactDevices();
   const positions: number[] = [];
   const invalid: InvalidEntry[] = [];
-  // Entry e of each index is device e: its UDID, its key's digest.
-  const udids = new KeyIndex();
-  const keys = new KeyIndex();
+  // Entry e of each index is device e: its UDID (lowercase hex, as checked), its key's SHA-256.
+  const udids = new KeyIndex('hex');
+  const keys = new KeyIndex('latin1');
   let total = 0;
   const refuse = (e: InvalidEntry): void => {
     if (!options.skipInvalid) {
