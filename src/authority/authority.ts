@@ -3,7 +3,8 @@
 
 import { join } from 'node:path';
 import { mkdir, writeFile } from 'node:fs/promises';
-import { verify as cryptoVerify } from 'node:crypto';
+import { generateKeyPair, type KeyObject } from 'node:crypto';
+import type { Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { FileKeyBackend } from '../keys/file-backend.js';
@@ -11,13 +12,13 @@ import type { KeyBackend, KeyRef } from '../keys/key-backend.js';
 import { openCaBackend } from '../keys/open-backend.js';
 import { parseKeyAlgorithm, publicKeyFromSpki, SCHEME_BY_OID, signingSchemeFor, type KeyAlgorithm } from '../pki/algorithms.js';
 import { parseCertificate, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
-import { createCsrWith, parseCsr, verifyCsr } from '../pki/csr.js';
+import { createCsrWith, parseCsr, verifyCsr, type ParsedCsr } from '../pki/csr.js';
 import { keyIdentifier, decodeBasicConstraints, decodeKeyUsage, EXT, type AltNames } from '../pki/extensions.js';
 import { encodeName, encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
 import { Store, nowIso } from '../store/database.js';
-import type { CaRow, CaStatus } from '../store/schema.js';
+import type { CaRow, Database, DeviceRow } from '../store/schema.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
 import { PROFILES, profileByName } from './profiles.js';
@@ -57,6 +58,21 @@ export interface IssuedCertificate {
   readonly der: Buffer;
   /** Issuing chain, issuer first, root last (DER). */
   readonly chain: readonly Buffer[];
+}
+
+export interface DeviceIssueRequest {
+  readonly udid: string;
+  /** PEM, base64 or DER PKCS#10, or an already parsed CSR. */
+  readonly csr: string | Buffer | ParsedCsr;
+  /** The CSR's key when the caller has already verified the CSR (saves a second verification). */
+  readonly csrKey?: KeyObject;
+  readonly actor: string;
+  /** Keys the caller proved the device holds besides its registered one (its current certificate's key). */
+  readonly provenKeys?: readonly Buffer[];
+  readonly serverKeygen?: boolean;
+  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<void>;
+  /** Added to the certificate.issue audit entry (how the device authenticated). */
+  readonly auditDetails?: Readonly<Record<string, unknown>>;
 }
 
 interface LoadedIssuer extends SigningCa {
@@ -193,11 +209,18 @@ export class Authority {
 
   /**
    * The device path: issues an operational certificate to a registered device. The registry decides:
-   * the device's state, its registered key (the CSR must carry it), its batch quota (checked before
-   * signing and taken atomically in the commit). Subject and identifiers come from the registry, never
-   * from the CSR. A refusal is audited (and counted per batch and line for quota).
+   * the device's state, its key (the CSR must carry the registered hardware key, a key the caller proved
+   * the device holds — its current certificate's — or, when the product allows rekey, any key no other
+   * device holds), its batch quota (checked before signing and taken atomically in the commit). Subject
+   * and identifiers come from the registry, never from the CSR. A refusal is audited (and counted per
+   * batch and line for quota).
+   *
+   * serverKeygen: the authority makes the device's key (EST serverkeygen; the product must allow it) and
+   * returns it once as PKCS#8 — it is never stored or logged.
+   * inTransaction: runs inside the issuance transaction (a claim takes its use there, so a refused
+   * issuance never spends a claim and a spent claim never yields two certificates).
    */
-  async issueForDevice(request: { udid: string; csr: string | Buffer; actor: string }): Promise<IssuedCertificate> {
+  async issueForDevice(request: DeviceIssueRequest): Promise<IssuedCertificate & { privateKeyPkcs8?: Buffer }> {
     const device = await this.registry.deviceRow(request.udid);
     const refuse = async (err: HallmarkError): Promise<never> => {
       await this.registry.recordRefusedIssuance(device, err, request.actor);
@@ -207,10 +230,27 @@ export class Authority {
     const product = await this.store.db.selectFrom('products').selectAll().where('id', '=', device.product_id).executeTakeFirstOrThrow();
     const line = await this.store.db.selectFrom('lines').innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id').select(['lines.name', 'ca.name as ca']).where('lines.id', '=', device.line_id).executeTakeFirstOrThrow();
     if (!['registered', 'provisioned', 'active'].includes(device.state)) return refuse(new HallmarkError('DEVICE_NOT_ELIGIBLE', `device ${device.udid} is ${device.state}: no certificate may be issued to it`));
-    const csr = parseCsr(decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
-    const key = await verifyCsr(csr);
-    if (!key.export({ type: 'spki', format: 'der' }).equals(Buffer.from(device.public_key_spki))) {
-      return refuse(new HallmarkError('KEY_MISMATCH', `the CSR key is not the key registered for device ${device.udid}`));
+    const csr = typeof request.csr === 'object' && !Buffer.isBuffer(request.csr) ? request.csr : parseCsr(decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
+    const csrKey = request.csrKey ?? (await verifyCsr(csr));
+    let subjectSpki: Buffer;
+    let subjectKey: KeyObject;
+    let privateKeyPkcs8: Buffer | undefined;
+    if (request.serverKeygen) {
+      if (!Number(product.allow_server_keygen)) return refuse(new HallmarkError('SERVER_KEYGEN_NOT_ALLOWED', `product ${product.name} does not allow server-side key generation (hallmark product create --allow-server-keygen)`));
+      const pair = await generateDeviceKey();
+      subjectKey = pair.publicKey;
+      subjectSpki = pair.publicKey.export({ type: 'spki', format: 'der' });
+      privateKeyPkcs8 = pair.privateKey.export({ type: 'pkcs8', format: 'der' });
+    } else {
+      subjectKey = csrKey;
+      subjectSpki = csrKey.export({ type: 'spki', format: 'der' });
+      const registered = subjectSpki.equals(Buffer.from(device.public_key_spki));
+      const proven = (request.provenKeys ?? []).some((k) => k.equals(subjectSpki));
+      if (!registered && !proven) {
+        if (!Number(product.allow_rekey)) return refuse(new HallmarkError('KEY_MISMATCH', `the CSR key is not the key registered for device ${device.udid} (product ${product.name} does not allow rekey)`));
+        const holder = await this.registry.deviceByPublicKey(subjectSpki);
+        if (holder && holder.udid !== device.udid) return refuse(new HallmarkError('CLONE_DETECTED', `the CSR key is the registered key of another device (${holder.udid})`));
+      }
     }
     if (device.state === 'registered') {
       if (batch.expires_at && new Date(batch.expires_at) <= new Date()) return refuse(new HallmarkError('BATCH_EXPIRED', `batch ${batch.id} expired at ${batch.expires_at}`));
@@ -232,7 +272,7 @@ export class Authority {
     const subject = encodeName(subjectAttributes);
     const uris = [`urn:hallmark:udid:${device.udid}`, ...(device.serial_number ? [`urn:hallmark:serial:${encodeURIComponent(device.serial_number)}`] : [])];
     const signed = await signCertificate(issuer, {
-      profile, subject, subjectPublicKeyInfo: csr.subjectPublicKeyInfo, subjectKeyKind: subjectKeyKindOf(key),
+      profile, subject, subjectPublicKeyInfo: subjectSpki, subjectKeyKind: subjectKeyKindOf(subjectKey),
       validityDays: product.validity_days, altNames: profile.subjectAltName === 'none' ? undefined : { uri: uris },
     });
     const subjectText = nameToString(subject);
@@ -240,20 +280,21 @@ export class Authority {
     try {
       await this.store.writeTransaction(async (trx) => {
         const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch);
+        if (request.inTransaction) await request.inTransaction(trx, device);
         await trx.insertInto('certificates').values({
           issuer_id: issuer.row.id, serial: signed.serialHex, profile: profile.name, subject: subjectText, fingerprint_sha256: fingerprint,
           not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid',
           revoked_at: null, revocation_reason: null, requested_by: request.actor, created_at: nowIso(), device_udid: device.udid,
         }).execute();
-        await appendAudit(trx, [{ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter) } }]);
+        await appendAudit(trx, [{ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails } }]);
       });
     } catch (err) {
-      if (err instanceof HallmarkError && (err.code === 'QUOTA_EXCEEDED' || err.code === 'DEVICE_NOT_ELIGIBLE')) return refuse(err);
+      if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED'].includes(err.code)) return refuse(err);
       throw err;
     }
     return {
       serial: signed.serialHex, issuer: line.ca, profile: profile.name, subject: subjectText, notBefore: signed.parsed.notBefore, notAfter: signed.parsed.notAfter,
-      fingerprintSha256: fingerprint, der: signed.der, chain: issuer.chain,
+      fingerprintSha256: fingerprint, der: signed.der, chain: issuer.chain, ...(privateKeyPkcs8 ? { privateKeyPkcs8 } : {}),
     };
   }
 
@@ -393,4 +434,9 @@ export class Authority {
 /** A CSR signed through a Signer (the key may live in a token and never be exported). */
 export function csrFromSigner(subject: Buffer, signer: Signer): Promise<Buffer> {
   return createCsrWith(subject, signer.publicKeySpki, signingSchemeFor(signer.ref.algorithm), (data) => signer.sign(data));
+}
+
+/** A P-256 device key made by the authority (EST serverkeygen). Async: generation runs on the thread pool. */
+function generateDeviceKey(): Promise<{ publicKey: KeyObject; privateKey: KeyObject }> {
+  return new Promise((resolve, reject) => generateKeyPair('ec', { namedCurve: 'P-256' }, (err, publicKey, privateKey) => (err ? reject(err) : resolve({ publicKey, privateKey }))));
 }

@@ -13,6 +13,7 @@ import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListComman
 import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, deviceResumeCommand, deviceShowCommand, deviceSuspendCommand, deviceTransferCommand } from './commands/device.js';
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
+import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -20,6 +21,7 @@ const COMMANDS: readonly Command[] = [
   productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
+  claimCreateCommand, claimListCommand, claimRevokeCommand,
 ];
 
 function overview(): string {

@@ -118,7 +118,11 @@ export class Registry {
 
   // ------------------------------------------------------------ products, lines, batches, tenants
 
-  async createProduct(options: { name: string; profile?: string; validityDays?: number; actor: string }): Promise<void> {
+  /**
+   * allowServerKeygen: EST serverkeygen may make this product's device keys (for devices that cannot).
+   * allowRekey: a device's operational key may differ from its registered hardware key (rekey).
+   */
+  async createProduct(options: { name: string; profile?: string; validityDays?: number; allowServerKeygen?: boolean; allowRekey?: boolean; actor: string }): Promise<void> {
     const name = checkName('product', options.name);
     const profile = profileByName(options.profile ?? 'device');
     if (profile.ca) throw new HallmarkError('PROFILE_VIOLATION', 'a product profile cannot be a CA profile');
@@ -126,14 +130,16 @@ export class Registry {
     if (!Number.isInteger(days) || days < 1 || days > profile.maxValidityDays) throw new HallmarkError('PROFILE_VIOLATION', `validity must be 1..${profile.maxValidityDays} days for profile ${profile.name}`);
     await this.store.writeTransaction(async (trx) => {
       if (await trx.selectFrom('products').select('id').where('name', '=', name).executeTakeFirst()) throw new HallmarkError('ALREADY_EXISTS', `product ${name} already exists`);
-      await trx.insertInto('products').values({ name, profile: profile.name, validity_days: days, created_at: nowIso() }).execute();
-      await appendAudit(trx, [{ actor: options.actor, action: 'product.create', target: name, details: { profile: profile.name, validityDays: days } }]);
+      const allowServerKeygen = options.allowServerKeygen ? 1 : 0;
+      const allowRekey = options.allowRekey ? 1 : 0;
+      await trx.insertInto('products').values({ name, profile: profile.name, validity_days: days, created_at: nowIso(), allow_server_keygen: allowServerKeygen, allow_rekey: allowRekey }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'product.create', target: name, details: { profile: profile.name, validityDays: days, allowServerKeygen: !!allowServerKeygen, allowRekey: !!allowRekey } }]);
     });
   }
 
-  async listProducts(): Promise<{ name: string; profile: string; validityDays: number; createdAt: string }[]> {
+  async listProducts(): Promise<{ name: string; profile: string; validityDays: number; allowServerKeygen: boolean; allowRekey: boolean; createdAt: string }[]> {
     const rows = await this.store.db.selectFrom('products').selectAll().orderBy('name').execute();
-    return rows.map((r) => ({ name: r.name, profile: r.profile, validityDays: r.validity_days, createdAt: r.created_at }));
+    return rows.map((r) => ({ name: r.name, profile: r.profile, validityDays: r.validity_days, allowServerKeygen: !!Number(r.allow_server_keygen), allowRekey: !!Number(r.allow_rekey), createdAt: r.created_at }));
   }
 
   async createLine(options: { name: string; ca: string; actor: string }): Promise<void> {

@@ -1,6 +1,7 @@
 // HTTP wiring. Two listeners:
-//   HTTPS  — admin API under /api/v1 (bearer tokens), OpenAPI document, health; TLS 1.2/1.3 with
-//            client certificates requested but optional (EST will use them).
+//   HTTPS  — EST enrolment under /.well-known/est, admin API under /api/v1 (bearer tokens), OpenAPI
+//            document, health; TLS 1.2/1.3 with client certificates requested but optional (EST
+//            checks them itself: birth certificates chain to vendor CAs, not to Hallmark).
 //   HTTP   — public data only (CA certificates; later CRLs and OCSP), health.
 // Routes parse and render; the Authority decides and signs.
 
@@ -15,13 +16,24 @@ import { encodePem } from '../pki/pem.js';
 import { installErrorHandling } from './errors.js';
 import { registerAdminApi } from './admin-api.js';
 import { registerPublicRoutes } from './public-routes.js';
+import { EnrolmentService } from '../enrollment/enrolment.js';
+import { DEFAULT_EST_PER_CLIENT_PER_MINUTE, registerEstRoutes } from '../protocols/est/routes.js';
 
 export interface ServerOptions {
   readonly host: string;
   readonly httpsPort: number;
   readonly httpPort: number;
   readonly logger: Logger;
+  /** A request must arrive whole within this (a client sending one byte a second is cut off). Default 30 s. */
+  readonly requestTimeoutMs?: number;
+  /** EST requests per minute per client address (0: no limit). */
+  readonly estPerClientPerMinute?: number;
 }
+
+export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute'>;
+
+/** Default time for a whole request to arrive. */
+export const REQUEST_TIMEOUT_MS = 30_000;
 
 export interface RunningServers {
   readonly https: FastifyInstance;
@@ -37,7 +49,7 @@ export const BODY_LIMIT = 256 * 1024;
 /** Unknown body fields are an error, not silently dropped (Fastify's default removes them). */
 const AJV_OPTIONS = { customOptions: { removeAdditional: false, coerceTypes: 'array' as const, allErrors: false } };
 
-export async function buildHttpsApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
+export async function buildHttpsApp(authority: Authority, logger: Logger, options: HttpsAppOptions = {}): Promise<FastifyInstance> {
   const key = await authority.fileKeys.privateKeyObject(authority.config.tls.keyRef);
   const chain = readFileSync(join(authority.home, HOME_FILES.tlsChain), 'utf8');
   const trust = (await authority.caChain(await authority.rootName(), false)).map((d) => encodePem('CERTIFICATE', d)).join('');
@@ -51,12 +63,21 @@ export async function buildHttpsApp(authority: Authority, logger: Logger): Promi
       maxVersion: 'TLSv1.3',
       requestCert: true,
       rejectUnauthorized: false,
+      // Slow clients: a request must arrive whole within requestTimeout; Node checks open requests every
+      // connectionsCheckingInterval (default 30 s, too coarse for a short timeout).
+      requestTimeout: options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS,
+      headersTimeout: Math.min(options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS, 10_000),
+      connectionsCheckingInterval: Math.max(250, Math.min(5_000, Math.floor((options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS) / 4))),
     },
     loggerInstance: logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT,
     ajv: AJV_OPTIONS,
+    requestTimeout: options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS,
+    // Idle keep-alive connections are closed after this; devices enrol and go.
+    keepAliveTimeout: 10_000,
   }) as unknown as FastifyInstance; // routes are written against the plain instance type; TLS is transparent to them
   installErrorHandling(app);
+  await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);
   return app;
@@ -70,7 +91,7 @@ export async function buildHttpApp(authority: Authority, logger: Logger): Promis
 }
 
 export async function startServers(authority: Authority, options: ServerOptions): Promise<RunningServers> {
-  const https = await buildHttpsApp(authority, options.logger);
+  const https = await buildHttpsApp(authority, options.logger, options);
   const http = await buildHttpApp(authority, options.logger);
   await https.listen({ host: options.host, port: options.httpsPort });
   try {

@@ -149,6 +149,46 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         for (const t of ['devices', 'vendor_cas', 'vendors', 'batches', 'lines', 'products', 'tenants']) await db.schema.dropTable(t).execute();
       },
     },
+    '0003_enrolment': {
+      async up(db: Kysely<unknown>) {
+        // Enrolment policy per product: may the server generate a device's key (EST serverkeygen), and may
+        // an operational key differ from the registered hardware key (rekey at re-enrolment, a separate
+        // operational key at first enrolment)?
+        await db.schema.alterTable('products').addColumn('allow_server_keygen', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        await db.schema.alterTable('products').addColumn('allow_rekey', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        // Claims: batch-scoped, expiring, use-counted enrolment credentials. Only SHA-256(secret) is stored.
+        await db.schema.createTable('claims')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('batch_id', 'text', (c) => c.notNull().references('batches.id'))
+          .addColumn('secret_hash', 'text', (c) => c.notNull())
+          .addColumn('max_uses', 'integer', (c) => c.notNull().check(sql`max_uses > 0`))
+          .addColumn('used', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('per_minute', 'integer', (c) => c.notNull())
+          .addColumn('expires_at', 'text', (c) => c.notNull())
+          .addColumn('revoked_at', 'text')
+          .addColumn('created_by', 'text', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('last_used_at', 'text')
+          .addCheckConstraint('claims_use_cap', sql`used <= max_uses`)
+          .execute();
+        // One row per device that enrolled with a claim: "once each" is this primary key.
+        await db.schema.createTable('claim_uses')
+          .addColumn('claim_id', 'text', (c) => c.notNull().references('claims.id'))
+          .addColumn('udid', 'text', (c) => c.notNull())
+          .addColumn('at', 'text', (c) => c.notNull())
+          .addPrimaryKeyConstraint('claim_uses_pk', ['claim_id', 'udid'])
+          .execute();
+        // Re-enrolment finds the presented certificate by its fingerprint.
+        await db.schema.createIndex('certificates_fingerprint').on('certificates').column('fingerprint_sha256').execute();
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.dropIndex('certificates_fingerprint').execute();
+        await db.schema.dropTable('claim_uses').execute();
+        await db.schema.dropTable('claims').execute();
+        await db.schema.alterTable('products').dropColumn('allow_rekey').execute();
+        await db.schema.alterTable('products').dropColumn('allow_server_keygen').execute();
+      },
+    },
   };
 }
 

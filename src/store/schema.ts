@@ -81,6 +81,8 @@ export interface ProductsTable {
   profile: string;
   validity_days: number;
   created_at: string;
+  allow_server_keygen: Generated<number>;
+  allow_rekey: Generated<number>;
 }
 
 export interface LinesTable {
@@ -131,6 +133,22 @@ export interface DevicesTable {
   provisioned_at: string | null;
 }
 
+export interface ClaimsTable {
+  id: string;
+  batch_id: string;
+  secret_hash: string;
+  max_uses: number;
+  used: Generated<number>;
+  per_minute: number;
+  expires_at: string;
+  revoked_at: string | null;
+  created_by: string;
+  created_at: string;
+  last_used_at: string | null;
+}
+
+export interface ClaimUsesTable { claim_id: string; udid: string; at: string }
+
 export interface Database {
   certificate_authorities: CertificateAuthoritiesTable;
   certificates: CertificatesTable;
@@ -143,6 +161,8 @@ export interface Database {
   vendors: VendorsTable;
   vendor_cas: VendorCasTable;
   devices: DevicesTable;
+  claims: ClaimsTable;
+  claim_uses: ClaimUsesTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;
@@ -154,3 +174,5 @@ export type CertificateRow = Selectable<CertificatesTable>;
 export type NewCertificateRow = Insertable<CertificatesTable>;
 export type AuditRow = Selectable<AuditLogTable>;
 export type TokenRow = Selectable<ApiTokensTable>;
+export type ClaimRow = Selectable<ClaimsTable>;
+export type ProductRow = Selectable<ProductsTable>;

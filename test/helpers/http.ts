@@ -21,14 +21,15 @@ export function runWithInput(cmd: string, args: string[], input: string): Promis
 
 export interface Reply { status: number; headers: Record<string, string | string[] | undefined>; body: string }
 
-export function call(url: string, options: { method?: string; token?: string; body?: unknown; rawBody?: string; ca?: string; cert?: string; key?: string } = {}): Promise<Reply> {
+export function call(url: string, options: { method?: string; token?: string; body?: unknown; rawBody?: string | Buffer; ca?: string; cert?: string; key?: string; headers?: Record<string, string>; maxVersion?: 'TLSv1.2' | 'TLSv1.3' } = {}): Promise<Reply> {
   return new Promise((resolve, reject) => {
     const u = new URL(url);
     const payload = options.rawBody ?? (options.body === undefined ? undefined : JSON.stringify(options.body));
     const headers: Record<string, string> = {};
     if (options.token) headers.authorization = `Bearer ${options.token}`;
     if (payload !== undefined) headers['content-type'] = 'application/json';
-    const req = (u.protocol === 'https:' ? httpsRequest : httpRequest)(u, { method: options.method ?? 'GET', headers, ca: options.ca, cert: options.cert, key: options.key }, (res) => {
+    Object.assign(headers, options.headers);
+    const req = (u.protocol === 'https:' ? httpsRequest : httpRequest)(u, { method: options.method ?? 'GET', headers, ca: options.ca, cert: options.cert, key: options.key, maxVersion: options.maxVersion, agent: false }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));

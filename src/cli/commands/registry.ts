@@ -14,15 +14,19 @@ function parseValidity(text: string | undefined): number | undefined {
 export const productCreateCommand: Command = {
   name: 'product create',
   summary: 'define a product (what is built) and its certificate profile',
-  usage: 'Usage: hallmark product create NAME [--profile device|tls-server] [--validity 1y] [--home DIR]',
+  usage: `Usage: hallmark product create NAME [--profile device|tls-server] [--validity 1y] [--allow-server-keygen] [--allow-rekey] [--home DIR]
+
+--allow-server-keygen  EST serverkeygen may generate this product's device keys (devices that cannot make keys)
+--allow-rekey          an operational key may differ from the device's registered hardware key
+                       (a new key at re-enrolment, or a separate operational key at first enrolment)`,
   allowPositionals: true,
-  options: { profile: { type: 'string' }, validity: { type: 'string' } },
+  options: { profile: { type: 'string' }, validity: { type: 'string' }, 'allow-server-keygen': { type: 'boolean' }, 'allow-rekey': { type: 'boolean' } },
   async run(args) {
     const name = args.positionals[0];
     if (!name || args.positionals.length > 1) throw new HallmarkError('BAD_REQUEST', `give one product name\n${this.usage}`);
     const validityDays = parseValidity(str(args, 'validity'));
     return withStoreOnly(args, async (ctx) => {
-      await new Registry(ctx.store).createProduct({ name, profile: str(args, 'profile'), validityDays, actor: actor() });
+      await new Registry(ctx.store).createProduct({ name, profile: str(args, 'profile'), validityDays, allowServerKeygen: flag(args, 'allow-server-keygen'), allowRekey: flag(args, 'allow-rekey'), actor: actor() });
       out(`Created product ${name}`);
       return 0;
     });

@@ -1,0 +1,59 @@
+// Claim: HTTP Basic credentials (claim id : secret) that let up to N devices of one batch enrol once
+// each before the claim expires. The device is the holder of the CSR key: it must be registered in the
+// claim's batch, unless the batch allows unregistered keys — then it is registered on first use (still
+// under the batch quota, which the authority takes at issuance).
+
+import { HallmarkError } from '../errors.js';
+import { udidOfKey } from '../registry/registry.js';
+import { checkClaim, parseBasicCredentials, spendClaim } from './claims.js';
+import type { AuthenticatorContext, EnrolmentAuthenticator, EnrolmentIdentity, EnrolmentRequest } from './authenticator.js';
+
+/** Failed claim presentations allowed per client address per minute (guessing defence). */
+export const CLAIM_FAILURES_PER_MINUTE = 30;
+
+export const claimAuthenticator: EnrolmentAuthenticator = {
+  name: 'claim',
+  presentIn: (request) => parseBasicCredentials(request.authorization) !== undefined,
+  async authenticate(request: EnrolmentRequest, context: AuthenticatorContext): Promise<EnrolmentIdentity> {
+    const presented = parseBasicCredentials(request.authorization)!;
+    // Guessing is throttled per address before the store is touched; the check only counts failures.
+    const failKey = `claim-fail:${request.source}`;
+    if (context.limiter.take(failKey, CLAIM_FAILURES_PER_MINUTE, Date.now()) > 0) {
+      throw Object.assign(new HallmarkError('RATE_LIMITED', 'too many failed claim presentations from this address; retry later'), { retryAfterSeconds: 60 });
+    }
+    const claim = await checkClaim(context.store, presented, `est:${request.source}`);
+    // A successful presentation gives its failure token back.
+    context.limiter.refund(failKey);
+    context.limiter.check(`claim:${claim.id}`, Number(claim.per_minute), 'with this claim');
+    const actor = `claim:${claim.id}`;
+    let device = await context.registry.deviceByPublicKey(request.csrSpki);
+    if (device && device.batch !== claim.batch_id) {
+      throw new HallmarkError('ENROLMENT_REFUSED', `the CSR key belongs to device ${device.udid} of batch ${device.batch}, not to this claim's batch ${claim.batch_id}`);
+    }
+    let registeredNow = false;
+    if (!device) {
+      const batch = await context.store.db.selectFrom('batches').select(['id', 'allow_unregistered']).where('id', '=', claim.batch_id).executeTakeFirstOrThrow();
+      if (!Number(batch.allow_unregistered)) {
+        throw new HallmarkError('ENROLMENT_REFUSED', `the CSR key is not registered in batch ${claim.batch_id}, which does not accept unregistered keys`);
+      }
+      const udid = udidOfKey(request.csrSpki);
+      try {
+        device = await context.registry.registerDevice(claim.batch_id, { publicKeySpki: request.csrSpki }, actor);
+      } catch (err) {
+        // Two first enrolments of the same new key racing: the loser finds the winner's registration.
+        device = await context.registry.deviceByPublicKey(request.csrSpki);
+        if (!device || device.udid !== udid) throw err;
+      }
+      registeredNow = true;
+    }
+    const udid = device.udid;
+    return {
+      authenticator: 'claim',
+      udid,
+      provenKeys: [request.csrSpki],
+      actor,
+      details: { authenticator: 'claim', claim: claim.id, registeredOnFirstUse: registeredNow },
+      inTransaction: (trx) => spendClaim(trx, claim.id, udid, actor),
+    };
+  },
+};
