@@ -14,6 +14,7 @@ import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, de
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
 import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
+import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -22,6 +23,7 @@ const COMMANDS: readonly Command[] = [
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
   claimCreateCommand, claimListCommand, claimRevokeCommand,
+  agentEnrollCommand, agentReenrollCommand,
 ];
 
 function overview(): string {
