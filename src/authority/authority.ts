@@ -18,13 +18,14 @@ import { encodeName, encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
 import { Store, nowIso } from '../store/database.js';
-import type { CaRow, Database, DeviceRow } from '../store/schema.js';
+import type { BatchRow, CaRow, Database, DeviceRow, ProductRow } from '../store/schema.js';
+import { GroupCommitter } from '../store/group-commit.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
 import { PROFILES, profileByName } from './profiles.js';
 import { verifyIssuedBy } from '../pki/verify.js';
 export { verifyIssuedBy } from '../pki/verify.js';
-import { Registry } from '../registry/registry.js';
+import { DEFAULT_TENANT, Registry, udidOfKey } from '../registry/registry.js';
 import { registryFor } from '../registry/birth-certificates.js';
 import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
 export type { CaInfo } from './ca-directory.js';
@@ -70,7 +71,10 @@ export interface DeviceIssueRequest {
   /** Keys the caller proved the device holds besides its registered one (its current certificate's key). */
   readonly provenKeys?: readonly Buffer[];
   readonly serverKeygen?: boolean;
-  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<void>;
+  /** Runs inside the issuance transaction; returns audit entries to append with the issuance's. */
+  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<readonly AuditEvent[] | void>;
+  /** The device is not registered yet: register this key in this batch, in the issuance's transaction (claims on batches that allow unregistered keys). */
+  readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
   /** Added to the certificate.issue audit entry (how the device authenticated). */
   readonly auditDetails?: Readonly<Record<string, unknown>>;
 }
@@ -89,6 +93,7 @@ export class Authority {
   readonly directory: CaDirectory;
   readonly registry: Registry;
   readonly #recorder: CertificateRecorder;
+  readonly #deviceCommits: GroupCommitter;
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
 
   private constructor(home: string, config: HomeConfig, store: Store, fileKeys: FileKeyBackend, caKeys: KeyBackend) {
@@ -98,6 +103,7 @@ export class Authority {
     this.fileKeys = fileKeys;
     this.caKeys = caKeys;
     this.#recorder = new CertificateRecorder(store);
+    this.#deviceCommits = new GroupCommitter(store);
     this.directory = new CaDirectory(store, config);
     this.registry = registryFor(store);
   }
@@ -221,14 +227,11 @@ export class Authority {
    * issuance never spends a claim and a spent claim never yields two certificates).
    */
   async issueForDevice(request: DeviceIssueRequest): Promise<IssuedCertificate & { privateKeyPkcs8?: Buffer }> {
-    const device = await this.registry.deviceRow(request.udid);
+    const { device, batch, product, line } = await this.#deviceContext(request);
     const refuse = async (err: HallmarkError): Promise<never> => {
       await this.registry.recordRefusedIssuance(device, err, request.actor);
       throw err;
     };
-    const batch = await this.store.db.selectFrom('batches').selectAll().where('id', '=', device.batch_id).executeTakeFirstOrThrow();
-    const product = await this.store.db.selectFrom('products').selectAll().where('id', '=', device.product_id).executeTakeFirstOrThrow();
-    const line = await this.store.db.selectFrom('lines').innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id').select(['lines.name', 'ca.name as ca']).where('lines.id', '=', device.line_id).executeTakeFirstOrThrow();
     if (!['registered', 'provisioned', 'active'].includes(device.state)) return refuse(new HallmarkError('DEVICE_NOT_ELIGIBLE', `device ${device.udid} is ${device.state}: no certificate may be issued to it`));
     const csr = typeof request.csr === 'object' && !Buffer.isBuffer(request.csr) ? request.csr : parseCsr(decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
     const csrKey = request.csrKey ?? (await verifyCsr(csr));
@@ -257,8 +260,8 @@ export class Authority {
       if (Number(batch.issued_count) >= Number(batch.quota)) {
         // The device row was read before the batch: a concurrent request may have given this very device its
         // first identity in between (it is then a renewal). Only a device still waiting for one is over quota.
-        const now = await this.registry.deviceRow(device.udid);
-        if (now.state === 'registered' && now.batch_id === batch.id) return refuse(new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities (line ${line.name})`));
+        const now = request.newDevice ? undefined : await this.registry.deviceRow(device.udid);
+        if (!now || (now.state === 'registered' && now.batch_id === batch.id)) return refuse(new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities (line ${line.name})`));
       }
     }
     const profile = profileByName(product.profile);
@@ -278,24 +281,53 @@ export class Authority {
     const subjectText = nameToString(subject);
     const fingerprint = sha256Fingerprint(signed.der);
     try {
-      await this.store.writeTransaction(async (trx) => {
+      await this.#deviceCommits.run(async (trx) => {
+        const audit: AuditEvent[] = [];
+        if (request.newDevice) audit.push(await Registry.registerOnFirstUse(trx, device, request.actor));
         const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch);
-        if (request.inTransaction) await request.inTransaction(trx, device);
+        if (request.inTransaction) audit.push(...((await request.inTransaction(trx, device)) ?? []));
         await trx.insertInto('certificates').values({
           issuer_id: issuer.row.id, serial: signed.serialHex, profile: profile.name, subject: subjectText, fingerprint_sha256: fingerprint,
           not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid',
           revoked_at: null, revocation_reason: null, requested_by: request.actor, created_at: nowIso(), device_udid: device.udid,
         }).execute();
-        await appendAudit(trx, [{ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails } }]);
+        audit.push({ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails } });
+        return { result: undefined, audit };
       });
     } catch (err) {
-      if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED'].includes(err.code)) return refuse(err);
+      if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED', 'CLONE_DETECTED'].includes(err.code)) return refuse(err);
       throw err;
     }
     return {
       serial: signed.serialHex, issuer: line.ca, profile: profile.name, subject: subjectText, notBefore: signed.parsed.notBefore, notAfter: signed.parsed.notAfter,
       fingerprintSha256: fingerprint, der: signed.der, chain: issuer.chain, ...(privateKeyPkcs8 ? { privateKeyPkcs8 } : {}),
     };
+  }
+
+  /** The device (as registered, or as it will be when registered on first use), its batch, product and line with its CA: one query. */
+  async #deviceContext(request: DeviceIssueRequest): Promise<{ device: DeviceRow; batch: BatchRow; product: ProductRow; line: { name: string; ca: string } }> {
+    const existing = request.newDevice ? undefined : await this.registry.deviceRow(request.udid);
+    const batchId = existing ? existing.batch_id : request.newDevice!.batch;
+    const row = await this.store.db.selectFrom('batches')
+      .innerJoin('products', 'products.id', 'batches.product_id')
+      .innerJoin('lines', 'lines.id', 'batches.line_id')
+      .innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id')
+      .select([
+        'batches.id', 'batches.product_id', 'batches.line_id', 'batches.quota', 'batches.issued_count', 'batches.refused_count', 'batches.allow_unregistered', 'batches.expires_at', 'batches.created_at',
+        'products.name as product_name', 'products.profile', 'products.validity_days', 'products.allow_server_keygen', 'products.allow_rekey', 'products.created_at as product_created_at',
+        'lines.name as line_name', 'ca.name as ca_name',
+      ])
+      .where('batches.id', '=', batchId).executeTakeFirst();
+    if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${batchId}`);
+    const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, expires_at: row.expires_at, created_at: row.created_at };
+    const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, created_at: row.product_created_at };
+    const now = nowIso();
+    const device: DeviceRow = existing ?? {
+      udid: udidOfKey(request.newDevice!.publicKeySpki), public_key_spki: request.newDevice!.publicKeySpki, public_key_sha256: udidOfKey(request.newDevice!.publicKeySpki),
+      serial_number: null, product_id: row.product_id, line_id: row.line_id, batch_id: row.id, tenant: DEFAULT_TENANT, birth_cert_der: null, state: 'registered',
+      created_at: now, updated_at: now, provisioned_at: null,
+    };
+    return { device, batch, product, line: { name: row.line_name, ca: row.ca_name } };
   }
 
   /** Issues a certificate for a key this authority holds itself (OCSP signer, TLS server). */

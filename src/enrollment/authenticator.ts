@@ -6,6 +6,7 @@
 
 import type { KeyObject } from 'node:crypto';
 import type { Transaction } from 'kysely';
+import type { AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import type { ParsedCsr } from '../pki/csr.js';
 import type { Store } from '../store/database.js';
@@ -47,8 +48,10 @@ export interface EnrolmentIdentity {
   /** Who asks, as the audit log records it. */
   readonly actor: string;
   readonly details: Readonly<Record<string, unknown>>;
-  /** Runs inside the issuance transaction (a claim takes its use there). */
-  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<void>;
+  /** Runs inside the issuance transaction (a claim takes its use there); returns audit entries to append. */
+  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<readonly AuditEvent[] | void>;
+  /** Not registered yet: the authority registers this key in this batch with the issuance (claims on batches that accept unregistered keys). */
+  readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
 }
 
 /**

@@ -26,34 +26,28 @@ export const claimAuthenticator: EnrolmentAuthenticator = {
     context.limiter.refund(failKey);
     context.limiter.check(`claim:${claim.id}`, Number(claim.per_minute), 'with this claim');
     const actor = `claim:${claim.id}`;
-    let device = await context.registry.deviceByPublicKey(request.csrSpki);
+    const device = await context.registry.deviceByPublicKey(request.csrSpki);
     if (device && device.batch !== claim.batch_id) {
       throw new HallmarkError('ENROLMENT_REFUSED', `the CSR key belongs to device ${device.udid} of batch ${device.batch}, not to this claim's batch ${claim.batch_id}`);
     }
-    let registeredNow = false;
+    let newDevice: { batch: string; publicKeySpki: Buffer } | undefined;
     if (!device) {
       const batch = await context.store.db.selectFrom('batches').select(['id', 'allow_unregistered']).where('id', '=', claim.batch_id).executeTakeFirstOrThrow();
       if (!Number(batch.allow_unregistered)) {
         throw new HallmarkError('ENROLMENT_REFUSED', `the CSR key is not registered in batch ${claim.batch_id}, which does not accept unregistered keys`);
       }
-      const udid = udidOfKey(request.csrSpki);
-      try {
-        device = await context.registry.registerDevice(claim.batch_id, { publicKeySpki: request.csrSpki }, actor);
-      } catch (err) {
-        // Two first enrolments of the same new key racing: the loser finds the winner's registration.
-        device = await context.registry.deviceByPublicKey(request.csrSpki);
-        if (!device || device.udid !== udid) throw err;
-      }
-      registeredNow = true;
+      // Registered by the authority in the issuance's own transaction: a refused issuance leaves no registration behind.
+      newDevice = { batch: claim.batch_id, publicKeySpki: request.csrSpki };
     }
-    const udid = device.udid;
+    const udid = device ? device.udid : udidOfKey(request.csrSpki);
     return {
       authenticator: 'claim',
       udid,
       provenKeys: [request.csrSpki],
       actor,
-      details: { authenticator: 'claim', claim: claim.id, registeredOnFirstUse: registeredNow },
+      details: { authenticator: 'claim', claim: claim.id, registeredOnFirstUse: !!newDevice },
       inTransaction: (trx) => spendClaim(trx, claim.id, udid, actor),
+      newDevice,
     };
   },
 };

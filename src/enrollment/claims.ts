@@ -5,7 +5,7 @@
 
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Transaction } from 'kysely';
-import { appendAudit } from '../audit/audit-log.js';
+import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { nowIso, type Store } from '../store/database.js';
 import type { ClaimRow, Database } from '../store/schema.js';
@@ -122,7 +122,7 @@ export async function checkClaim(store: Store, presented: { id: string; secret: 
  * enrolled with it before, and the count only moves while it is below the limit (and the claim is
  * still live), so concurrent enrolments can never spend more uses than the claim has.
  */
-export async function spendClaim(trx: Transaction<Database>, claimId: string, udid: string, actor: string): Promise<void> {
+export async function spendClaim(trx: Transaction<Database>, claimId: string, udid: string, actor: string): Promise<AuditEvent[]> {
   const prior = await trx.selectFrom('claim_uses').select('udid').where('claim_id', '=', claimId).where('udid', '=', udid).executeTakeFirst();
   if (prior) throw new HallmarkError('CLAIM_ALREADY_USED', `device ${udid} has already enrolled with claim ${claimId}; renew with its current certificate`);
   const now = nowIso();
@@ -130,5 +130,5 @@ export async function spendClaim(trx: Transaction<Database>, claimId: string, ud
     .where('id', '=', claimId).where('revoked_at', 'is', null).where('expires_at', '>', now).where((eb) => eb('used', '<', eb.ref('max_uses'))).executeTakeFirst();
   if (Number(r.numUpdatedRows) !== 1) throw new HallmarkError('CLAIM_INVALID', `claim ${claimId} expired, was revoked or was used up`);
   await trx.insertInto('claim_uses').values({ claim_id: claimId, udid, at: now }).execute();
-  await appendAudit(trx, [{ actor, action: 'claim.use', target: claimId, details: { device: udid } }]);
+  return [{ actor, action: 'claim.use', target: claimId, details: { device: udid } }];
 }

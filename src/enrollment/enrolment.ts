@@ -75,9 +75,12 @@ export class EnrolmentService {
   async enrol(request: EnrolmentRequest): Promise<EnrolmentResult> {
     const identity = await this.identify(request);
     if (request.label !== undefined) {
-      const device = await this.#authority.registry.device(identity.udid);
-      if (device.product !== request.label && device.line !== request.label) {
-        const err = new HallmarkError('ENROLMENT_REFUSED', `device ${identity.udid} is not of product or line ${request.label} (it is ${device.product} on line ${device.line})`);
+      const owner = identity.newDevice
+        ? await this.#authority.store.db.selectFrom('batches').innerJoin('products', 'products.id', 'batches.product_id').innerJoin('lines', 'lines.id', 'batches.line_id')
+          .select(['products.name as product', 'lines.name as line']).where('batches.id', '=', identity.newDevice.batch).executeTakeFirstOrThrow()
+        : await this.#authority.registry.device(identity.udid);
+      if (owner.product !== request.label && owner.line !== request.label) {
+        const err = new HallmarkError('ENROLMENT_REFUSED', `device ${identity.udid} is not of product or line ${request.label} (it is ${owner.product} on line ${owner.line})`);
         await this.#authority.store.writeTransaction((trx) => appendAudit(trx, [{ actor: identity.actor, action: 'enrolment.refused', target: identity.udid, details: { operation: request.operation, label: request.label, reason: err.message } }]));
         throw err;
       }
@@ -90,6 +93,7 @@ export class EnrolmentService {
       provenKeys: identity.provenKeys,
       serverKeygen: request.operation === 'serverkeygen',
       inTransaction: identity.inTransaction,
+      newDevice: identity.newDevice,
       auditDetails: { ...identity.details, operation: request.operation, source: request.source, ...(request.label ? { label: request.label } : {}) },
     });
     return { ...issued, udid: identity.udid, authenticator: identity.authenticator };

@@ -496,6 +496,20 @@ export class Registry {
     return { firstIdentity: true };
   }
 
+  /**
+   * Inside the issuance transaction: registers a device whose key was first seen at enrolment (a claim on a
+   * batch that accepts unregistered keys). The UDID is the key's SHA-256. A key or UDID held by another
+   * device is a clone. Returns the audit entry for the caller to append with the issuance's.
+   */
+  static async registerOnFirstUse(trx: Transaction<Database>, device: DeviceRow, actor: string): Promise<AuditEvent> {
+    const holder = await trx.selectFrom('devices').select(['udid', 'batch_id']).where((eb) => eb.or([eb('udid', '=', device.udid), eb('public_key_sha256', '=', device.public_key_sha256)])).executeTakeFirst();
+    if (holder) throw new HallmarkError('CLONE_DETECTED', `the key is already registered to device ${holder.udid} (batch ${holder.batch_id})`);
+    const tenant = await trx.selectFrom('tenants').select('name').where('name', '=', device.tenant).executeTakeFirst();
+    if (!tenant) await trx.insertInto('tenants').values({ name: device.tenant, created_at: nowIso() }).execute();
+    await trx.insertInto('devices').values(device).execute();
+    return { actor, action: 'device.register', target: device.udid, details: { batch: device.batch_id, tenant: device.tenant, source: 'enrolment' } };
+  }
+
   /** Audits a refused issuance and counts it on the batch and the line, so operators see which line tried. */
   async recordRefusedIssuance(device: DeviceRow, reason: HallmarkError, actor: string): Promise<void> {
     await this.#auditRefusal(
