@@ -210,6 +210,21 @@ describe('EST server', () => {
     assert.equal(Number(row.used), 1);
   });
 
+  test('concurrent enrolments racing for a quota of 5: exactly 5 certificates, 5 claim uses, 5 registrations; the audit chain holds', async () => {
+    const b = await batch('sensor', 5, true);
+    const claim = await createClaim(authority.store, { batch: b, uses: 100, ttlMs: 3600e3, actor: 'test' });
+    const replies = await Promise.all(Array.from({ length: 20 }, () => enroll(csrB64(newKey()), { claim: claim.basic })));
+    const statuses = replies.map((r) => r.status).sort();
+    assert.equal(statuses.filter((x) => x === 200).length, 5, statuses.join(','));
+    assert.ok(replies.filter((r) => r.status !== 200).every((r) => r.status === 409 && codeOf(r) === 'QUOTA_EXCEEDED'));
+    assert.equal((await authority.registry.batch(b)).issued, 5);
+    assert.equal((await authority.registry.listDevices({ batch: b })).items.length, 5, 'refused enrolments leave no registration');
+    const row = await authority.store.db.selectFrom('claims').select('used').where('id', '=', claim.id).executeTakeFirstOrThrow();
+    assert.equal(Number(row.used), 5);
+    const { verifyAuditLog } = await import('../../../src/audit/audit-log.js');
+    assert.equal((await verifyAuditLog(authority.store.db)).ok, true);
+  });
+
   async function enrolled(product: string): Promise<{ key: DeviceKey; certPem: string; batchId: string }> {
     const b = await batch(product, 10);
     const key = newKey();
