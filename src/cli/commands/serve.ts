@@ -5,24 +5,36 @@ import { Authority } from '../../authority/authority.js';
 import { HOME_FILES, defaultRootDir, isInitialised, loadHomeConfig, resolveHome } from '../../authority/home.js';
 import { initAuthority } from '../../authority/init.js';
 import { createLogger } from '../../log.js';
-import { startServers } from '../../server/servers.js';
+import { REQUEST_TIMEOUT_MS, startServers } from '../../server/servers.js';
+import { DEFAULT_EST_PER_CLIENT_PER_MINUTE } from '../../protocols/est/routes.js';
+import { HallmarkError } from '../../errors.js';
 import { actor, flag, intOption, readPassphrase, str, type Command } from '../io.js';
 
 export const serveCommand: Command = {
   name: 'serve',
-  summary: 'serve the authority: HTTPS admin API and plain-HTTP public data',
+  summary: 'serve the authority: EST enrolment and the admin API over HTTPS, public data over plain HTTP',
   usage: `Usage: hallmark serve [--home DIR] [--port 8443] [--http-port 8080] [--host 127.0.0.1] [--passphrase-file FILE] [--dev]
+                     [--est-per-client N] [--request-timeout SECONDS]
 
-HTTPS (TLS 1.2 and 1.3, client certificates requested but optional) serves the admin API under
-/api/v1 (bearer tokens; OpenAPI at /api/v1/openapi.json). Plain HTTP serves only public data: CA
-certificates under /ca/. Both answer GET /healthz. The root key is never needed.
+HTTPS (TLS 1.2 and 1.3, client certificates requested but optional) serves EST enrolment under
+/.well-known/est (RFC 7030) and the admin API under /api/v1 (bearer tokens; OpenAPI at
+/api/v1/openapi.json). Plain HTTP serves only public data: CA certificates under /ca/. Both answer
+GET /healthz. The root key is never needed.
+
+--est-per-client N       EST requests per minute per client address (default ${DEFAULT_EST_PER_CLIENT_PER_MINUTE}; 0: no limit,
+                         e.g. behind a load balancer that hides client addresses)
+--request-timeout S      a request must arrive whole within S seconds (default ${REQUEST_TIMEOUT_MS / 1000}); slow clients are cut off
 
 --dev: when the home is not initialised, create a DEVELOPMENT authority there first (org
 "Hallmark Development"; passphrase from HALLMARK_PASSPHRASE, or generated and stored in
 <home>/${HOME_FILES.devPassphrase}). Never use a development authority in production.`,
-  options: { port: { type: 'string' }, 'http-port': { type: 'string' }, host: { type: 'string' }, 'passphrase-file': { type: 'string' }, dev: { type: 'boolean' } },
+  options: { port: { type: 'string' }, 'http-port': { type: 'string' }, host: { type: 'string' }, 'passphrase-file': { type: 'string' }, dev: { type: 'boolean' }, 'est-per-client': { type: 'string' }, 'request-timeout': { type: 'string' } },
   async run(args) {
     const home = resolveHome(str(args, 'home'));
+    const estPerClientPerMinute = intOption(args, 'est-per-client');
+    const requestTimeout = intOption(args, 'request-timeout');
+    if (requestTimeout !== undefined && (requestTimeout < 1 || requestTimeout > 3600)) throw new HallmarkError('BAD_REQUEST', '--request-timeout must be 1..3600 seconds');
+    if (estPerClientPerMinute !== undefined && estPerClientPerMinute < 0) throw new HallmarkError('BAD_REQUEST', '--est-per-client must be 0 or more');
     const log = createLogger();
     const devPassFile = join(home, HOME_FILES.devPassphrase);
     let passphrase: string;
@@ -46,6 +58,8 @@ certificates under /ca/. Both answer GET /healthz. The root key is never needed.
       httpsPort: intOption(args, 'port') ?? 8443,
       httpPort: intOption(args, 'http-port') ?? 8080,
       logger: log,
+      estPerClientPerMinute,
+      requestTimeoutMs: requestTimeout === undefined ? undefined : requestTimeout * 1000,
     });
     log.info({ https: servers.httpsUrl, http: servers.httpUrl, store: authority.store.describe() }, 'hallmark serving');
     await new Promise<void>((resolve) => {
