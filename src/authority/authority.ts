@@ -295,7 +295,7 @@ export class Authority {
         return { result: undefined, audit };
       });
     } catch (err) {
-      if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED', 'CLONE_DETECTED'].includes(err.code)) return refuse(err);
+      if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED', 'CLONE_DETECTED', 'ENROLMENT_REJECTED'].includes(err.code)) return refuse(err);
       throw err;
     }
     return {
@@ -313,13 +313,13 @@ export class Authority {
       .innerJoin('lines', 'lines.id', 'batches.line_id')
       .innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id')
       .select([
-        'batches.id', 'batches.product_id', 'batches.line_id', 'batches.quota', 'batches.issued_count', 'batches.refused_count', 'batches.allow_unregistered', 'batches.expires_at', 'batches.created_at',
+        'batches.id', 'batches.product_id', 'batches.line_id', 'batches.quota', 'batches.issued_count', 'batches.refused_count', 'batches.allow_unregistered', 'batches.require_approval', 'batches.expires_at', 'batches.created_at',
         'products.name as product_name', 'products.profile', 'products.validity_days', 'products.allow_server_keygen', 'products.allow_rekey', 'products.created_at as product_created_at',
         'lines.name as line_name', 'ca.name as ca_name',
       ])
       .where('batches.id', '=', batchId).executeTakeFirst();
     if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${batchId}`);
-    const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, expires_at: row.expires_at, created_at: row.created_at };
+    const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, require_approval: row.require_approval, expires_at: row.expires_at, created_at: row.created_at };
     const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, created_at: row.product_created_at };
     const now = nowIso();
     const device: DeviceRow = existing ?? {

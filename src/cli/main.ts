@@ -14,6 +14,7 @@ import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, de
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
 import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
+import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
 import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 
 const COMMANDS: readonly Command[] = [
@@ -22,7 +23,7 @@ const COMMANDS: readonly Command[] = [
   productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
-  claimCreateCommand, claimListCommand, claimRevokeCommand,
+  claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
   agentEnrollCommand, agentReenrollCommand,
 ];
 

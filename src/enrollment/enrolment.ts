@@ -11,6 +11,8 @@ import { birthCertificateAuthenticator } from './birth-certificate-authenticator
 import { claimAuthenticator } from './claim-authenticator.js';
 import { currentCertificateAuthenticator } from './current-certificate-authenticator.js';
 import { RateLimiter } from './rate-limit.js';
+import { requireApproval, spendApproval } from './approvals.js';
+import { udidOfKey } from '../registry/registry.js';
 import { registeredKeyAuthenticator } from './registered-key-authenticator.js';
 
 /** Tried in this order; the first that accepts decides who the device is. */
@@ -85,6 +87,12 @@ export class EnrolmentService {
         throw err;
       }
     }
+    let inTransaction = identity.inTransaction;
+    const approval = await this.#approvalFor(identity, request);
+    if (approval) {
+      const before = inTransaction;
+      inTransaction = async (trx, device) => [...((before ? await before(trx, device) : undefined) ?? []), ...(await spendApproval(trx, approval, identity.actor))];
+    }
     const issued = await this.#authority.issueForDevice({
       udid: identity.udid,
       csr: request.csr,
@@ -92,10 +100,29 @@ export class EnrolmentService {
       actor: identity.actor,
       provenKeys: identity.provenKeys,
       serverKeygen: request.operation === 'serverkeygen',
-      inTransaction: identity.inTransaction,
+      inTransaction,
       newDevice: identity.newDevice,
       auditDetails: { ...identity.details, operation: request.operation, source: request.source, ...(request.label ? { label: request.label } : {}) },
     });
     return { ...issued, udid: identity.udid, authenticator: identity.authenticator };
+  }
+
+  /**
+   * A device's first identity in a batch that requires approval: the approval to spend, or ENROLMENT_PENDING
+   * (202) / ENROLMENT_REJECTED. undefined when no approval is needed.
+   */
+  async #approvalFor(identity: EnrolmentIdentity, request: EnrolmentRequest): Promise<string | undefined> {
+    const db = this.#authority.store.db;
+    let batch: string;
+    if (identity.newDevice) {
+      batch = identity.newDevice.batch;
+    } else {
+      const device = await db.selectFrom('devices').select(['state', 'batch_id']).where('udid', '=', identity.udid).executeTakeFirst();
+      if (!device || device.state !== 'registered') return undefined; // renewals and unknown devices (refused later) need none
+      batch = device.batch_id;
+    }
+    const row = await db.selectFrom('batches').select('require_approval').where('id', '=', batch).executeTakeFirst();
+    if (!row || !Number(row.require_approval)) return undefined;
+    return requireApproval(this.#authority.store, { batch, udid: identity.udid, keySha256: udidOfKey(request.csrSpki), authenticator: identity.authenticator, source: request.source, actor: identity.actor });
   }
 }

@@ -73,6 +73,7 @@ export interface BatchInfo {
   readonly refused: number;
   readonly registered: number;
   readonly allowUnregistered: boolean;
+  readonly requireApproval: boolean;
   readonly expiresAt: string | null;
   readonly createdAt: string;
 }
@@ -160,7 +161,8 @@ export class Registry {
     return rows.map((r) => ({ name: r.name, ca: r.ca, caStatus: r.caStatus, refusedIssuances: Number(r.refused_issuances), createdAt: r.created_at }));
   }
 
-  async createBatch(options: { product: string; line: string; quota: number; expiresAt?: Date; allowUnregistered?: boolean; actor: string }): Promise<string> {
+  /** requireApproval: each device's first enrolment waits for an operator (hallmark enrolment approve). */
+  async createBatch(options: { product: string; line: string; quota: number; expiresAt?: Date; allowUnregistered?: boolean; requireApproval?: boolean; actor: string }): Promise<string> {
     if (!Number.isInteger(options.quota) || options.quota < 0 || options.quota > 100_000_000) throw new HallmarkError('BAD_REQUEST', 'the quota must be a whole number from 0 to 100,000,000');
     if (options.expiresAt && options.expiresAt <= new Date()) throw new HallmarkError('BAD_REQUEST', 'the batch expiry must be in the future');
     const id = `b-${randomBytes(6).toString('hex')}`;
@@ -171,9 +173,9 @@ export class Registry {
       if (!line) throw new HallmarkError('LINE_NOT_FOUND', `no line named ${options.line}`);
       await trx.insertInto('batches').values({
         id, product_id: product.id, line_id: line.id, quota: options.quota, allow_unregistered: options.allowUnregistered ? 1 : 0,
-        expires_at: options.expiresAt ? nowIso(options.expiresAt) : null, created_at: nowIso(),
+        require_approval: options.requireApproval ? 1 : 0, expires_at: options.expiresAt ? nowIso(options.expiresAt) : null, created_at: nowIso(),
       }).execute();
-      await appendAudit(trx, [{ actor: options.actor, action: 'batch.create', target: id, details: { product: options.product, line: options.line, quota: options.quota, expiresAt: options.expiresAt?.toISOString() ?? null } }]);
+      await appendAudit(trx, [{ actor: options.actor, action: 'batch.create', target: id, details: { product: options.product, line: options.line, quota: options.quota, expiresAt: options.expiresAt?.toISOString() ?? null, allowUnregistered: !!options.allowUnregistered, requireApproval: !!options.requireApproval } }]);
     });
     return id;
   }
@@ -194,15 +196,15 @@ export class Registry {
       .innerJoin('lines', 'lines.id', 'batches.line_id')
       .select((eb) => [
         'batches.id', 'products.name as product', 'lines.name as line', 'batches.quota', 'batches.issued_count', 'batches.refused_count',
-        'batches.allow_unregistered', 'batches.expires_at', 'batches.created_at',
+        'batches.allow_unregistered', 'batches.require_approval', 'batches.expires_at', 'batches.created_at',
         eb.selectFrom('devices').select((e) => e.fn.countAll<number>().as('n')).whereRef('devices.batch_id', '=', 'batches.id').as('registered'),
       ]);
   }
 
-  #batchInfo(r: { id: string; product: string; line: string; quota: number; issued_count: number; refused_count: number; allow_unregistered: number; expires_at: string | null; created_at: string; registered: number | null }): BatchInfo {
+  #batchInfo(r: { id: string; product: string; line: string; quota: number; issued_count: number; refused_count: number; allow_unregistered: number; require_approval: number; expires_at: string | null; created_at: string; registered: number | null }): BatchInfo {
     return {
       id: r.id, product: r.product, line: r.line, quota: Number(r.quota), issued: Number(r.issued_count), refused: Number(r.refused_count),
-      registered: Number(r.registered ?? 0), allowUnregistered: Number(r.allow_unregistered) === 1, expiresAt: r.expires_at, createdAt: r.created_at,
+      registered: Number(r.registered ?? 0), allowUnregistered: Number(r.allow_unregistered) === 1, requireApproval: Number(r.require_approval) === 1, expiresAt: r.expires_at, createdAt: r.created_at,
     };
   }
 

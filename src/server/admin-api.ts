@@ -10,7 +10,7 @@ import { ERROR_CODES, HallmarkError } from '../errors.js';
 import { normaliseSerialHex } from '../pki/certificate.js';
 import { encodePem } from '../pki/pem.js';
 import { registerRegistryApi } from './registry-api.js';
-import { registerClaimsApi } from './claims-api.js';
+import { registerEnrolmentApi } from './enrolment-api.js';
 
 declare module 'fastify' {
   interface FastifyRequest { principal?: Principal }
@@ -77,7 +77,7 @@ export async function registerAdminApi(app: FastifyInstance, authority: Authorit
   });
 
   registerRegistryApi(app, authority);
-  registerClaimsApi(app, authority);
+  registerEnrolmentApi(app, authority);
 
   app.get('/api/v1/cas', {
     config: { scope: 'ca:read' },

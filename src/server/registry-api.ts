@@ -69,16 +69,16 @@ export function registerRegistryApi(app: FastifyInstance, authority: Authority):
   app.get<{ Params: { id: string } }>('/api/v1/batches/:id', { config: read, schema: { summary: 'One batch', tags: ['registry'], params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] }, response: { 200: anyObject, ...errors } } },
     async (request) => registry.batch(request.params.id));
 
-  app.post<{ Body: { product: string; line: string; quota: number; expiresAt?: string; allowUnregistered?: boolean } }>('/api/v1/batches', {
+  app.post<{ Body: { product: string; line: string; quota: number; expiresAt?: string; allowUnregistered?: boolean; requireApproval?: boolean } }>('/api/v1/batches', {
     config: write,
     schema: {
       summary: 'Create a batch', tags: ['registry'],
-      body: { type: 'object', additionalProperties: false, required: ['product', 'line', 'quota'], properties: { product: name, line: name, quota: { type: 'integer', minimum: 0, maximum: 100000000 }, expiresAt: { type: 'string', format: 'date-time' }, allowUnregistered: { type: 'boolean' } } },
+      body: { type: 'object', additionalProperties: false, required: ['product', 'line', 'quota'], properties: { product: name, line: name, quota: { type: 'integer', minimum: 0, maximum: 100000000 }, expiresAt: { type: 'string', format: 'date-time' }, allowUnregistered: { type: 'boolean' }, requireApproval: { type: 'boolean' } } },
       response: { 201: anyObject, ...errors },
     },
   }, async (request, reply) => {
     const b = request.body;
-    const id = await registry.createBatch({ product: b.product, line: b.line, quota: b.quota, expiresAt: b.expiresAt ? new Date(b.expiresAt) : undefined, allowUnregistered: b.allowUnregistered, actor: actorOf(request) });
+    const id = await registry.createBatch({ product: b.product, line: b.line, quota: b.quota, expiresAt: b.expiresAt ? new Date(b.expiresAt) : undefined, allowUnregistered: b.allowUnregistered, requireApproval: b.requireApproval, actor: actorOf(request) });
     return reply.status(201).send(await registry.batch(id));
   });
 

@@ -178,11 +178,31 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('at', 'text', (c) => c.notNull())
           .addPrimaryKeyConstraint('claim_uses_pk', ['claim_id', 'udid'])
           .execute();
+        // Batches whose devices' first enrolment waits for an operator (EST answers 202 + Retry-After meanwhile).
+        await db.schema.alterTable('batches').addColumn('require_approval', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        await db.schema.createTable('enrolment_approvals')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('batch_id', 'text', (c) => c.notNull().references('batches.id'))
+          .addColumn('udid', 'text', (c) => c.notNull())
+          // The key the device asked with: an approval is for that device with that key only.
+          .addColumn('public_key_sha256', 'text', (c) => c.notNull())
+          .addColumn('status', 'text', (c) => c.notNull().check(sql`status in ('pending', 'approved', 'rejected', 'used')`))
+          .addColumn('authenticator', 'text', (c) => c.notNull())
+          .addColumn('source', 'text', (c) => c.notNull())
+          .addColumn('requested_at', 'text', (c) => c.notNull())
+          .addColumn('decided_at', 'text')
+          .addColumn('decided_by', 'text')
+          .addColumn('reason', 'text')
+          .execute();
+        await db.schema.createIndex('enrolment_approvals_device').on('enrolment_approvals').columns(['udid', 'public_key_sha256']).execute();
+        await db.schema.createIndex('enrolment_approvals_status').on('enrolment_approvals').columns(['status', 'requested_at']).execute();
         // Re-enrolment finds the presented certificate by its fingerprint.
         await db.schema.createIndex('certificates_fingerprint').on('certificates').column('fingerprint_sha256').execute();
       },
       async down(db: Kysely<unknown>) {
         await db.schema.dropIndex('certificates_fingerprint').execute();
+        await db.schema.dropTable('enrolment_approvals').execute();
+        await db.schema.alterTable('batches').dropColumn('require_approval').execute();
         await db.schema.dropTable('claim_uses').execute();
         await db.schema.dropTable('claims').execute();
         await db.schema.alterTable('products').dropColumn('allow_rekey').execute();

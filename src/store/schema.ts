@@ -101,6 +101,7 @@ export interface BatchesTable {
   issued_count: Generated<number>;
   refused_count: Generated<number>;
   allow_unregistered: Generated<number>;
+  require_approval: Generated<number>;
   expires_at: string | null;
   created_at: string;
 }
@@ -147,6 +148,20 @@ export interface ClaimsTable {
   last_used_at: string | null;
 }
 
+export interface EnrolmentApprovalsTable {
+  id: string;
+  batch_id: string;
+  udid: string;
+  public_key_sha256: string;
+  status: 'pending' | 'approved' | 'rejected' | 'used';
+  authenticator: string;
+  source: string;
+  requested_at: string;
+  decided_at: string | null;
+  decided_by: string | null;
+  reason: string | null;
+}
+
 export interface ClaimUsesTable { claim_id: string; udid: string; at: string }
 
 export interface Database {
@@ -163,6 +178,7 @@ export interface Database {
   devices: DevicesTable;
   claims: ClaimsTable;
   claim_uses: ClaimUsesTable;
+  enrolment_approvals: EnrolmentApprovalsTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;

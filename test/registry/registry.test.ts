@@ -74,7 +74,7 @@ forEachDialect('registry', async (t: TestContext, target: StoreTarget) => {
       const id = await newBatch(10);
       assert.match(id, /^b-[0-9a-f]{12}$/);
       const batch = await registry.batch(id);
-      assert.deepEqual({ ...batch, createdAt: '' }, { id, product: 'sensor', line: 'line-1', quota: 10, issued: 0, refused: 0, registered: 0, allowUnregistered: false, expiresAt: null, createdAt: '' });
+      assert.deepEqual({ ...batch, createdAt: '' }, { id, product: 'sensor', line: 'line-1', quota: 10, issued: 0, refused: 0, registered: 0, allowUnregistered: false, requireApproval: false, expiresAt: null, createdAt: '' });
       assert.ok((await registry.listBatches()).some((b) => b.id === id));
       assert.deepEqual((await auditOf(observer, 'product.create')).map((a) => a.target), ['sensor', 'gateway']);
       assert.deepEqual((await auditOf(observer, 'line.create')).map((a) => [a.target, a.details.ca]), [['line-1', 'issuing-1'], ['cm-shenzhen', 'issuing-1']]);

@@ -110,10 +110,13 @@ export const lineListCommand: Command = {
 export const batchCreateCommand: Command = {
   name: 'batch create',
   summary: 'open a counted batch of devices on a line (prints the batch id)',
-  usage: `Usage: hallmark batch create --product NAME --line NAME --quota N [--expires DATE] [--allow-unregistered] [--home DIR]
+  usage: `Usage: hallmark batch create --product NAME --line NAME --quota N [--expires DATE] [--allow-unregistered] [--require-approval] [--home DIR]
 
-The quota caps how many devices of the batch may ever receive an operational identity.`,
-  options: { product: { type: 'string' }, line: { type: 'string' }, quota: { type: 'string' }, expires: { type: 'string' }, 'allow-unregistered': { type: 'boolean' } },
+The quota caps how many devices of the batch may ever receive an operational identity.
+--allow-unregistered  a claim may enrol keys not registered yet (they are registered on first use)
+--require-approval    each device's first enrolment waits for an operator: EST answers 202 with
+                      Retry-After until hallmark enrolment approve ID (or reject)`,
+  options: { product: { type: 'string' }, line: { type: 'string' }, quota: { type: 'string' }, expires: { type: 'string' }, 'allow-unregistered': { type: 'boolean' }, 'require-approval': { type: 'boolean' } },
   async run(args) {
     const product = required(args, 'product', this.usage);
     const line = required(args, 'line', this.usage);
@@ -123,7 +126,7 @@ The quota caps how many devices of the batch may ever receive an operational ide
     const expiresAt = expiresText ? new Date(expiresText) : undefined;
     if (expiresAt && Number.isNaN(expiresAt.getTime())) throw new HallmarkError('BAD_REQUEST', `--expires is not a date: ${expiresText}`);
     return withStoreOnly(args, async (ctx) => {
-      const id = await new Registry(ctx.store).createBatch({ product, line, quota, expiresAt, allowUnregistered: flag(args, 'allow-unregistered'), actor: actor() });
+      const id = await new Registry(ctx.store).createBatch({ product, line, quota, expiresAt, allowUnregistered: flag(args, 'allow-unregistered'), requireApproval: flag(args, 'require-approval'), actor: actor() });
       out(id);
       return 0;
     });

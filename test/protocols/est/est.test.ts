@@ -225,6 +225,41 @@ describe('EST server', () => {
     assert.equal((await verifyAuditLog(authority.store.db)).ok, true);
   });
 
+  test('a batch that requires approval: 202 + Retry-After until an operator approves; rejected requests stay refused; renewals need none', async () => {
+    const b = await authority.registry.createBatch({ product: 'sensor', line: 'line-a', quota: 5, allowUnregistered: true, requireApproval: true, actor: 'test' });
+    const claim = await createClaim(authority.store, { batch: b, uses: 5, ttlMs: 3600e3, actor: 'test' });
+    const { listApprovals, decideApproval } = await import('../../../src/enrollment/approvals.js');
+    const key = newKey();
+    const first = await enroll(csrB64(key), { claim: claim.basic });
+    assert.equal(first.status, 202, first.body);
+    assert.match(String(first.headers['retry-after']), /^\d+$/);
+    assert.equal(codeOf(first), 'ENROLMENT_PENDING');
+    // Asking again while pending records nothing new.
+    assert.equal((await enroll(csrB64(key), { claim: claim.basic })).status, 202);
+    const pending = await listApprovals(authority.store, { batch: b, status: 'pending' });
+    assert.equal(pending.length, 1);
+    assert.equal(pending[0]!.udid, key.udid);
+    assert.equal((await authority.registry.batch(b)).issued, 0, 'nothing issued, no quota taken');
+    assert.equal(Number((await authority.store.db.selectFrom('claims').select('used').where('id', '=', claim.id).executeTakeFirstOrThrow()).used), 0, 'no claim use spent');
+    await decideApproval(authority.store, pending[0]!.id, 'approve', 'cli:operator');
+    const certPem = encodePem('CERTIFICATE', issuedCert(await enroll(csrB64(key), { claim: claim.basic })));
+    assert.equal((await listApprovals(authority.store, { id: pending[0]!.id }))[0]!.status, 'used');
+    // A renewal with the current certificate needs no approval.
+    issuedCert(await enroll(csrB64(key), { path: 'simplereenroll', cert: certPem, key: key.pem }));
+    // A rejected device stays refused.
+    const other = newKey();
+    assert.equal((await enroll(csrB64(other), { claim: claim.basic })).status, 202);
+    const id = (await listApprovals(authority.store, { batch: b, status: 'pending' }))[0]!.id;
+    await decideApproval(authority.store, id, 'reject', 'cli:operator', 'not one of ours');
+    const rejected = await enroll(csrB64(other), { claim: claim.basic });
+    assert.equal(rejected.status, 403);
+    assert.equal(codeOf(rejected), 'ENROLMENT_REJECTED');
+    assert.match(rejected.body, /not one of ours/);
+    await assert.rejects(decideApproval(authority.store, id, 'approve', 'cli:operator'), /not pending/);
+    const actions = (await auditActions()).map((a) => a.action);
+    for (const a of ['enrolment.pending', 'enrolment.approve', 'enrolment.approval_used', 'enrolment.reject']) assert.ok(actions.includes(a), a);
+  });
+
   async function enrolled(product: string): Promise<{ key: DeviceKey; certPem: string; batchId: string }> {
     const b = await batch(product, 10);
     const key = newKey();

@@ -24,7 +24,7 @@ function csrB64(): string {
   return createCsr({ subject: encodeNameString('CN=x'), privateKey }).toString('base64');
 }
 
-describe('claims: admin API and CLI', () => {
+describe('claims and enrolment approvals: admin API and CLI', () => {
   let t: TestAuthority;
   let authority: Authority;
   let servers: RunningServers;
@@ -52,7 +52,7 @@ describe('claims: admin API and CLI', () => {
   });
 
   const api = (path: string, options: { method?: string; body?: unknown; token?: string } = {}) => call(`${servers.httpsUrl}/api/v1${path}`, { ca, token: options.token ?? admin, method: options.method, body: options.body });
-  const enroll = (basic: string) => call(`${servers.httpsUrl}/.well-known/est/simpleenroll`, { method: 'POST', ca, rawBody: csrB64(), headers: { 'content-type': 'application/pkcs10', authorization: `Basic ${Buffer.from(basic).toString('base64')}` } });
+  const enroll = (basic: string, csr = csrB64()) => call(`${servers.httpsUrl}/.well-known/est/simpleenroll`, { method: 'POST', ca, rawBody: csr, headers: { 'content-type': 'application/pkcs10', authorization: `Basic ${Buffer.from(basic).toString('base64')}` } });
 
   test('create -> enrol -> list (no secret) -> revoke -> refused', async () => {
     const created = await api('/claims', { method: 'POST', body: { batch: batchId, uses: 3, ttl: '1h' } });
@@ -98,5 +98,31 @@ describe('claims: admin API and CLI', () => {
     assert.equal((await enroll(basic)).status, 401);
     const bad = await hallmark('claim', 'create', '--batch', batchId, '--uses', '2').catch((e: { code: number; stderr: string }) => e);
     assert.equal((bad as { code: number }).code, 2, 'a missing option is a usage error');
+  });
+
+  test('approvals: a batch created with requireApproval through the API; pending requests listed, approved, then enrolled; CLI reject', async () => {
+    const created = await api('/batches', { method: 'POST', body: { product: 'lamp', line: 'l1', quota: 5, allowUnregistered: true, requireApproval: true } });
+    assert.equal(created.status, 201, created.body);
+    const b = JSON.parse(created.body).id as string;
+    assert.equal(JSON.parse(created.body).requireApproval, true);
+    const claim = JSON.parse((await api('/claims', { method: 'POST', body: { batch: b, uses: 5, ttl: '1h' } })).body) as { basic: string };
+    const csr = csrB64();
+    assert.equal((await enroll(claim.basic, csr)).status, 202);
+    const listed = JSON.parse((await api(`/enrolments?status=pending&batch=${b}`, { token: reader })).body) as { items: { id: string }[] };
+    assert.equal(listed.items.length, 1);
+    assert.equal((await api(`/enrolments/${listed.items[0]!.id}/approve`, { method: 'POST', token: reader })).status, 403);
+    const approved = await api(`/enrolments/${listed.items[0]!.id}/approve`, { method: 'POST', body: { reason: 'checked the serial label' } });
+    assert.equal(approved.status, 200, approved.body);
+    assert.equal(JSON.parse(approved.body).status, 'approved');
+    assert.equal((await enroll(claim.basic, csr)).status, 200);
+    // CLI: list and reject.
+    assert.equal((await enroll(claim.basic)).status, 202);
+    const env = { ...process.env, HALLMARK_PASSPHRASE: t.passphrase, HALLMARK_DATABASE_URL: '' };
+    const hallmark = (...args: string[]) => execFileAsync(process.execPath, [BIN, ...args, '--home', t.home], { env, encoding: 'utf8' });
+    const pending = JSON.parse((await hallmark('enrolment', 'list', '--status', 'pending', '--batch', b, '--json')).stdout) as { id: string }[];
+    assert.equal(pending.length, 1);
+    const out = await hallmark('enrolment', 'reject', pending[0]!.id, '--reason', 'unknown unit');
+    assert.match(out.stdout, /Rejected enrolment request er_/);
+    assert.equal((await api(`/enrolments?status=rejected&batch=${b}`)).body.includes('unknown unit'), true);
   });
 });
