@@ -3,6 +3,7 @@
 //   npm run bench                    human table
 //   npm run bench -- --json          one JSON object per line per figure: {name, value, unit, ceiling, ratio}
 //   npm run bench -- issuance        only bench/issuance.bench.ts (filter by module name)
+//   npm run bench -- est-enrolment   only bench/est-enrolment.bench.ts (its server child is bench/est-server.ts, not a module)
 
 import { readdirSync } from 'node:fs';
 import { cpus, platform } from 'node:os';

@@ -4,6 +4,7 @@
 import { chmodSync } from 'node:fs';
 import BetterSqlite3 from 'better-sqlite3';
 import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
+import { reusingStatements } from './sqlite-statements.js';
 import pg from 'pg';
 import { HallmarkError } from '../errors.js';
 import { StaticMigrationProvider } from './migrations.js';
@@ -56,7 +57,7 @@ export class Store {
       sqlite.pragma('synchronous = FULL');
       sqlite.pragma('foreign_keys = ON');
       sqlite.pragma(`busy_timeout = ${SQLITE_LOCK_WAIT_MS}`);
-      store = new Store(new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) }), 'sqlite', url, sqlite);
+      store = new Store(new Kysely<Database>({ dialect: new SqliteDialect({ database: reusingStatements(sqlite) }) }), 'sqlite', url, sqlite);
     }
     try {
       await sql`select 1`.execute(store.db);
