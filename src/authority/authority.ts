@@ -17,7 +17,7 @@ import { keyIdentifier, decodeBasicConstraints, decodeKeyUsage, EXT, type AltNam
 import { encodeName, encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
-import { Store, nowIso } from '../store/database.js';
+import { Store, nowIso, type Dialect } from '../store/database.js';
 import type { BatchRow, CaRow, Database, DeviceRow, ProductRow } from '../store/schema.js';
 import { GroupCommitter } from '../store/group-commit.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
@@ -25,7 +25,8 @@ import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfi
 import { PROFILES, profileByName } from './profiles.js';
 import { verifyIssuedBy } from '../pki/verify.js';
 export { verifyIssuedBy } from '../pki/verify.js';
-import { DEFAULT_TENANT, Registry, udidOfKey } from '../registry/registry.js';
+import { DEFAULT_TENANT, Registry, normaliseUdid, udidOfKey } from '../registry/registry.js';
+import { rawSql } from '../store/raw-sql.js';
 import { registryFor } from '../registry/birth-certificates.js';
 import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
 export type { CaInfo } from './ca-directory.js';
@@ -72,7 +73,7 @@ export interface DeviceIssueRequest {
   readonly provenKeys?: readonly Buffer[];
   readonly serverKeygen?: boolean;
   /** Runs inside the issuance transaction; returns audit entries to append with the issuance's. */
-  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<readonly AuditEvent[] | void>;
+  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
   /** The device is not registered yet: register this key in this batch, in the issuance's transaction (claims on batches that allow unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
   /** Added to the certificate.issue audit entry (how the device authenticated). */
@@ -281,16 +282,15 @@ export class Authority {
     const subjectText = nameToString(subject);
     const fingerprint = sha256Fingerprint(signed.der);
     try {
-      await this.#deviceCommits.run(async (trx) => {
+      await this.#deviceCommits.run(async (trx, dialect) => {
         const audit: AuditEvent[] = [];
-        if (request.newDevice) audit.push(await Registry.registerOnFirstUse(trx, device, request.actor));
-        const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch);
-        if (request.inTransaction) audit.push(...((await request.inTransaction(trx, device)) ?? []));
-        await trx.insertInto('certificates').values({
-          issuer_id: issuer.row.id, serial: signed.serialHex, profile: profile.name, subject: subjectText, fingerprint_sha256: fingerprint,
-          not_before: nowIso(signed.parsed.notBefore), not_after: nowIso(signed.parsed.notAfter), der: signed.der, status: 'valid',
-          revoked_at: null, revocation_reason: null, requested_by: request.actor, created_at: nowIso(), device_udid: device.udid,
-        }).execute();
+        if (request.newDevice) audit.push(await Registry.registerOnFirstUse(trx, device, request.actor, dialect));
+        const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch, dialect);
+        if (request.inTransaction) audit.push(...((await request.inTransaction(trx, device, dialect)) ?? []));
+        await rawSql(trx, dialect, 'insert into certificates (issuer_id, serial, profile, subject, fingerprint_sha256, not_before, not_after, der, status, revoked_at, revocation_reason, requested_by, created_at, device_udid) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', [
+          issuer.row.id, signed.serialHex, profile.name, subjectText, fingerprint, nowIso(signed.parsed.notBefore), nowIso(signed.parsed.notAfter), signed.der, 'valid',
+          null, null, request.actor, nowIso(), device.udid,
+        ]);
         audit.push({ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails } });
         return { result: undefined, audit };
       });
@@ -306,18 +306,16 @@ export class Authority {
 
   /** The device (as registered, or as it will be when registered on first use), its batch, product and line with its CA: one query. */
   async #deviceContext(request: DeviceIssueRequest): Promise<{ device: DeviceRow; batch: BatchRow; product: ProductRow; line: { name: string; ca: string } }> {
-    const existing = request.newDevice ? undefined : await this.registry.deviceRow(request.udid);
+    // Hand-written SQL (src/store/raw-sql.ts): this runs for every enrolment.
+    const dialect = this.store.dialect;
+    const existing = request.newDevice ? undefined : (await rawSql<DeviceRow>(this.store.db, dialect, 'select * from devices where udid = ?', [normaliseUdid(request.udid)])).rows[0];
+    if (!request.newDevice && !existing) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${request.udid}`);
     const batchId = existing ? existing.batch_id : request.newDevice!.batch;
-    const row = await this.store.db.selectFrom('batches')
-      .innerJoin('products', 'products.id', 'batches.product_id')
-      .innerJoin('lines', 'lines.id', 'batches.line_id')
-      .innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id')
-      .select([
-        'batches.id', 'batches.product_id', 'batches.line_id', 'batches.quota', 'batches.issued_count', 'batches.refused_count', 'batches.allow_unregistered', 'batches.require_approval', 'batches.expires_at', 'batches.created_at',
-        'products.name as product_name', 'products.profile', 'products.validity_days', 'products.allow_server_keygen', 'products.allow_rekey', 'products.created_at as product_created_at',
-        'lines.name as line_name', 'ca.name as ca_name',
-      ])
-      .where('batches.id', '=', batchId).executeTakeFirst();
+    const row = (await rawSql<BatchRow & {
+      product_name: string; profile: string; validity_days: number; allow_server_keygen: number; allow_rekey: number; product_created_at: string; line_name: string; ca_name: string;
+    }>(this.store.db, dialect, `select b.id, b.product_id, b.line_id, b.quota, b.issued_count, b.refused_count, b.allow_unregistered, b.require_approval, b.expires_at, b.created_at,
+        p.name as product_name, p.profile, p.validity_days, p.allow_server_keygen, p.allow_rekey, p.created_at as product_created_at, l.name as line_name, ca.name as ca_name
+      from batches b join products p on p.id = b.product_id join lines l on l.id = b.line_id join certificate_authorities ca on ca.id = l.ca_id where b.id = ?`, [batchId])).rows[0];
     if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${batchId}`);
     const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, require_approval: row.require_approval, expires_at: row.expires_at, created_at: row.created_at };
     const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, created_at: row.product_created_at };

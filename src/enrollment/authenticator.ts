@@ -9,7 +9,7 @@ import type { Transaction } from 'kysely';
 import type { AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import type { ParsedCsr } from '../pki/csr.js';
-import type { Store } from '../store/database.js';
+import type { Dialect, Store } from '../store/database.js';
 import type { Database, DeviceRow } from '../store/schema.js';
 import type { Registry } from '../registry/registry.js';
 import type { RateLimiter } from './rate-limit.js';
@@ -49,7 +49,7 @@ export interface EnrolmentIdentity {
   readonly actor: string;
   readonly details: Readonly<Record<string, unknown>>;
   /** Runs inside the issuance transaction (a claim takes its use there); returns audit entries to append. */
-  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow) => Promise<readonly AuditEvent[] | void>;
+  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
   /** Not registered yet: the authority registers this key in this batch with the issuance (claims on batches that accept unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
 }

@@ -5,6 +5,7 @@
 
 import { HallmarkError } from '../errors.js';
 import { udidOfKey } from '../registry/registry.js';
+import { rawSql } from '../store/raw-sql.js';
 import { checkClaim, parseBasicCredentials, spendClaim } from './claims.js';
 import type { AuthenticatorContext, EnrolmentAuthenticator, EnrolmentIdentity, EnrolmentRequest } from './authenticator.js';
 
@@ -32,7 +33,7 @@ export const claimAuthenticator: EnrolmentAuthenticator = {
     }
     let newDevice: { batch: string; publicKeySpki: Buffer } | undefined;
     if (!device) {
-      const batch = await context.store.db.selectFrom('batches').select(['id', 'allow_unregistered']).where('id', '=', claim.batch_id).executeTakeFirstOrThrow();
+      const batch = (await rawSql<{ allow_unregistered: number }>(context.store.db, context.store.dialect, 'select allow_unregistered from batches where id = ?', [claim.batch_id])).rows[0]!;
       if (!Number(batch.allow_unregistered)) {
         throw new HallmarkError('ENROLMENT_REFUSED', `the CSR key is not registered in batch ${claim.batch_id}, which does not accept unregistered keys`);
       }
@@ -46,7 +47,7 @@ export const claimAuthenticator: EnrolmentAuthenticator = {
       provenKeys: [request.csrSpki],
       actor,
       details: { authenticator: 'claim', claim: claim.id, registeredOnFirstUse: !!newDevice },
-      inTransaction: (trx) => spendClaim(trx, claim.id, udid, actor),
+      inTransaction: (trx, _device, dialect) => spendClaim(trx, claim.id, udid, actor, dialect),
       newDevice,
     };
   },

@@ -7,7 +7,8 @@ import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
-import { nowIso, type Store } from '../store/database.js';
+import { nowIso, type Dialect, type Store } from '../store/database.js';
+import { rawSql } from '../store/raw-sql.js';
 import type { ClaimRow, Database } from '../store/schema.js';
 
 export interface CreatedClaim {
@@ -106,7 +107,7 @@ export async function checkClaim(store: Store, presented: { id: string; secret: 
     throw new HallmarkError('CLAIM_INVALID', 'unknown, wrong, expired, revoked or used-up claim');
   };
   if (!/^cl_[0-9a-f]{16}$/.test(presented.id)) return fail('malformed claim id');
-  const row = await store.db.selectFrom('claims').selectAll().where('id', '=', presented.id).executeTakeFirst();
+  const row = (await rawSql<ClaimRow>(store.db, store.dialect, 'select * from claims where id = ?', [presented.id])).rows[0];
   if (!row) return fail('unknown claim', presented.id);
   const a = Buffer.from(row.secret_hash, 'hex');
   const b = Buffer.from(hashSecret(presented.secret), 'hex');
@@ -122,13 +123,13 @@ export async function checkClaim(store: Store, presented: { id: string; secret: 
  * enrolled with it before, and the count only moves while it is below the limit (and the claim is
  * still live), so concurrent enrolments can never spend more uses than the claim has.
  */
-export async function spendClaim(trx: Transaction<Database>, claimId: string, udid: string, actor: string): Promise<AuditEvent[]> {
-  const prior = await trx.selectFrom('claim_uses').select('udid').where('claim_id', '=', claimId).where('udid', '=', udid).executeTakeFirst();
-  if (prior) throw new HallmarkError('CLAIM_ALREADY_USED', `device ${udid} has already enrolled with claim ${claimId}; renew with its current certificate`);
+export async function spendClaim(trx: Transaction<Database>, claimId: string, udid: string, actor: string, dialect: Dialect = 'sqlite'): Promise<AuditEvent[]> {
+  // Hand-written SQL (src/store/raw-sql.ts): this runs for every claim enrolment.
+  const prior = await rawSql(trx, dialect, 'select udid from claim_uses where claim_id = ? and udid = ?', [claimId, udid]);
+  if (prior.rows.length > 0) throw new HallmarkError('CLAIM_ALREADY_USED', `device ${udid} has already enrolled with claim ${claimId}; renew with its current certificate`);
   const now = nowIso();
-  const r = await trx.updateTable('claims').set((eb) => ({ used: eb('used', '+', 1), last_used_at: now }))
-    .where('id', '=', claimId).where('revoked_at', 'is', null).where('expires_at', '>', now).where((eb) => eb('used', '<', eb.ref('max_uses'))).executeTakeFirst();
-  if (Number(r.numUpdatedRows) !== 1) throw new HallmarkError('CLAIM_INVALID', `claim ${claimId} expired, was revoked or was used up`);
-  await trx.insertInto('claim_uses').values({ claim_id: claimId, udid, at: now }).execute();
+  const r = await rawSql(trx, dialect, 'update claims set used = used + 1, last_used_at = ? where id = ? and revoked_at is null and expires_at > ? and used < max_uses', [now, claimId, now]);
+  if (r.changed !== 1) throw new HallmarkError('CLAIM_INVALID', `claim ${claimId} expired, was revoked or was used up`);
+  await rawSql(trx, dialect, 'insert into claim_uses (claim_id, udid, at) values (?, ?, ?)', [claimId, udid, now]);
   return [{ actor, action: 'claim.use', target: claimId, details: { device: udid } }];
 }

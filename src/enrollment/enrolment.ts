@@ -13,6 +13,7 @@ import { currentCertificateAuthenticator } from './current-certificate-authentic
 import { RateLimiter } from './rate-limit.js';
 import { requireApproval, spendApproval } from './approvals.js';
 import { udidOfKey } from '../registry/registry.js';
+import { rawSql } from '../store/raw-sql.js';
 import { registeredKeyAuthenticator } from './registered-key-authenticator.js';
 
 /** Tried in this order; the first that accepts decides who the device is. */
@@ -91,7 +92,7 @@ export class EnrolmentService {
     const approval = await this.#approvalFor(identity, request);
     if (approval) {
       const before = inTransaction;
-      inTransaction = async (trx, device) => [...((before ? await before(trx, device) : undefined) ?? []), ...(await spendApproval(trx, approval, identity.actor))];
+      inTransaction = async (trx, device, dialect) => [...((before ? await before(trx, device, dialect) : undefined) ?? []), ...(await spendApproval(trx, approval, identity.actor))];
     }
     const issued = await this.#authority.issueForDevice({
       udid: identity.udid,
@@ -112,17 +113,21 @@ export class EnrolmentService {
    * (202) / ENROLMENT_REJECTED. undefined when no approval is needed.
    */
   async #approvalFor(identity: EnrolmentIdentity, request: EnrolmentRequest): Promise<string | undefined> {
-    const db = this.#authority.store.db;
+    const store = this.#authority.store;
+    // One statement per enrolment (hand-written: src/store/raw-sql.ts): is this a first identity in a batch that requires approval?
     let batch: string;
+    let required: boolean;
     if (identity.newDevice) {
       batch = identity.newDevice.batch;
+      required = !!Number((await rawSql<{ require_approval: number }>(store.db, store.dialect, 'select require_approval from batches where id = ?', [batch])).rows[0]?.require_approval);
     } else {
-      const device = await db.selectFrom('devices').select(['state', 'batch_id']).where('udid', '=', identity.udid).executeTakeFirst();
-      if (!device || device.state !== 'registered') return undefined; // renewals and unknown devices (refused later) need none
-      batch = device.batch_id;
+      const row = (await rawSql<{ state: string; batch_id: string; require_approval: number }>(store.db, store.dialect,
+        'select d.state, d.batch_id, b.require_approval from devices d join batches b on b.id = d.batch_id where d.udid = ?', [identity.udid])).rows[0];
+      if (!row || row.state !== 'registered') return undefined; // renewals and unknown devices (refused later) need none
+      batch = row.batch_id;
+      required = !!Number(row.require_approval);
     }
-    const row = await db.selectFrom('batches').select('require_approval').where('id', '=', batch).executeTakeFirst();
-    if (!row || !Number(row.require_approval)) return undefined;
+    if (!required) return undefined;
     return requireApproval(this.#authority.store, { batch, udid: identity.udid, keySha256: udidOfKey(request.csrSpki), authenticator: identity.authenticator, source: request.source, actor: identity.actor });
   }
 }

@@ -9,7 +9,8 @@ import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { publicKeyFromSpki } from '../pki/algorithms.js';
 import { isP256Point, isP256Spki } from '../pki/p256.js';
-import { Store, nowIso } from '../store/database.js';
+import { Store, nowIso, type Dialect } from '../store/database.js';
+import { rawSql } from '../store/raw-sql.js';
 import type { BatchRow, Database, DeviceRow, DeviceState } from '../store/schema.js';
 import { profileByName } from '../authority/profiles.js';
 
@@ -487,14 +488,16 @@ export class Registry {
    * identity, takes one unit of its batch quota (atomically: the UPDATE only succeeds below quota).
    * Returns what the caller must record. Throws QUOTA_EXCEEDED / DEVICE_NOT_ELIGIBLE.
    */
-  static async reserveIssuance(trx: Transaction<Database>, device: DeviceRow, batch: BatchRow): Promise<{ firstIdentity: boolean }> {
-    const current = await trx.selectFrom('devices').select(['state', 'batch_id']).where('udid', '=', device.udid).executeTakeFirst();
+  static async reserveIssuance(trx: Transaction<Database>, device: DeviceRow, batch: BatchRow, dialect: Dialect = 'sqlite'): Promise<{ firstIdentity: boolean }> {
+    // Hand-written SQL (src/store/raw-sql.ts): these run for every enrolment.
+    const current = (await rawSql<{ state: DeviceState; batch_id: string }>(trx, dialect, 'select state, batch_id from devices where udid = ?', [device.udid])).rows[0];
     if (!current || current.batch_id !== batch.id) throw new HallmarkError('DEVICE_NOT_ELIGIBLE', 'the device changed while its certificate was being made; try again');
     if (!['registered', 'provisioned', 'active'].includes(current.state)) throw new HallmarkError('DEVICE_NOT_ELIGIBLE', `the device is ${current.state}`);
     if (current.state !== 'registered') return { firstIdentity: false };
-    const r = await trx.updateTable('batches').set((eb) => ({ issued_count: eb('issued_count', '+', 1) })).where('id', '=', batch.id).where('issued_count', '<', batch.quota).executeTakeFirst();
-    if (Number(r.numUpdatedRows) !== 1) throw new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities`);
-    await trx.updateTable('devices').set({ state: 'provisioned', provisioned_at: nowIso(), updated_at: nowIso() }).where('udid', '=', device.udid).execute();
+    const r = await rawSql(trx, dialect, 'update batches set issued_count = issued_count + 1 where id = ? and issued_count < ?', [batch.id, batch.quota]);
+    if (r.changed !== 1) throw new HallmarkError('QUOTA_EXCEEDED', `batch ${batch.id} has used its quota of ${batch.quota} operational identities`);
+    const now = nowIso();
+    await rawSql(trx, dialect, "update devices set state = 'provisioned', provisioned_at = ?, updated_at = ? where udid = ?", [now, now, device.udid]);
     return { firstIdentity: true };
   }
 
@@ -503,12 +506,13 @@ export class Registry {
    * batch that accepts unregistered keys). The UDID is the key's SHA-256. A key or UDID held by another
    * device is a clone. Returns the audit entry for the caller to append with the issuance's.
    */
-  static async registerOnFirstUse(trx: Transaction<Database>, device: DeviceRow, actor: string): Promise<AuditEvent> {
-    const holder = await trx.selectFrom('devices').select(['udid', 'batch_id']).where((eb) => eb.or([eb('udid', '=', device.udid), eb('public_key_sha256', '=', device.public_key_sha256)])).executeTakeFirst();
+  static async registerOnFirstUse(trx: Transaction<Database>, device: DeviceRow, actor: string, dialect: Dialect = 'sqlite'): Promise<AuditEvent> {
+    const holder = (await rawSql<{ udid: string; batch_id: string }>(trx, dialect, 'select udid, batch_id from devices where udid = ? or public_key_sha256 = ?', [device.udid, device.public_key_sha256])).rows[0];
     if (holder) throw new HallmarkError('CLONE_DETECTED', `the key is already registered to device ${holder.udid} (batch ${holder.batch_id})`);
-    const tenant = await trx.selectFrom('tenants').select('name').where('name', '=', device.tenant).executeTakeFirst();
-    if (!tenant) await trx.insertInto('tenants').values({ name: device.tenant, created_at: nowIso() }).execute();
-    await trx.insertInto('devices').values(device).execute();
+    if ((await rawSql(trx, dialect, 'select name from tenants where name = ?', [device.tenant])).rows.length === 0) await trx.insertInto('tenants').values({ name: device.tenant, created_at: nowIso() }).execute();
+    await rawSql(trx, dialect, 'insert into devices (udid, public_key_spki, public_key_sha256, serial_number, product_id, line_id, batch_id, tenant, birth_cert_der, state, created_at, updated_at, provisioned_at) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', [
+      device.udid, device.public_key_spki, device.public_key_sha256, device.serial_number, device.product_id, device.line_id, device.batch_id, device.tenant, device.birth_cert_der, device.state, device.created_at, device.updated_at, device.provisioned_at,
+    ]);
     return { actor, action: 'device.register', target: device.udid, details: { batch: device.batch_id, tenant: device.tenant, source: 'enrolment' } };
   }
 

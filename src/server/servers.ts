@@ -73,10 +73,16 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
     bodyLimit: BODY_LIMIT,
     ajv: AJV_OPTIONS,
     requestTimeout: options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS,
+    // One access-log line per request (below) instead of Fastify's two: a busy EST endpoint logs half as much.
+    disableRequestLogging: true,
     // Idle keep-alive connections are closed after this; devices enrol and go.
     keepAliveTimeout: 10_000,
   }) as unknown as FastifyInstance; // routes are written against the plain instance type; TLS is transparent to them
   installErrorHandling(app);
+  app.addHook('onResponse', (request, reply, done) => {
+    request.log.info({ method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 }, 'request');
+    done();
+  });
   await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);

@@ -10,10 +10,10 @@
 
 import { sql, type Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
-import type { Store } from './database.js';
+import type { Dialect, Store } from './database.js';
 import type { Database } from './schema.js';
 
-export type UnitOfWork<T> = (trx: Transaction<Database>) => Promise<{ result: T; audit: readonly AuditEvent[] }>;
+export type UnitOfWork<T> = (trx: Transaction<Database>, dialect: Dialect) => Promise<{ result: T; audit: readonly AuditEvent[] }>;
 
 interface Pending {
   readonly work: UnitOfWork<unknown>;
@@ -53,7 +53,7 @@ export class GroupCommitter {
           for (const p of batch) {
             if (batch.length > 1) await sql`savepoint unit`.execute(trx);
             try {
-              const done = await p.work(trx);
+              const done = await p.work(trx, this.#store.dialect);
               if (batch.length > 1) await sql`release savepoint unit`.execute(trx);
               audit.push(...done.audit);
               outcomes.push({ ok: true, value: done.result });
