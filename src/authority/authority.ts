@@ -4,6 +4,7 @@
 import { join } from 'node:path';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { generateKeyPair, type KeyObject } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import type { Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
@@ -29,6 +30,7 @@ import { DEFAULT_TENANT, Registry, normaliseUdid, udidOfKey } from '../registry/
 import { rawSql } from '../store/raw-sql.js';
 import { registryFor } from '../registry/birth-certificates.js';
 import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
+import { revokeCertificates, revokedEvents, type RevocationReason, type RevocationResult, type RevocationTarget } from './revocation.js';
 export type { CaInfo } from './ca-directory.js';
 import type { Signer } from '../keys/key-backend.js';
 
@@ -93,6 +95,11 @@ export class Authority {
   readonly caKeys: KeyBackend;
   readonly directory: CaDirectory;
   readonly registry: Registry;
+  /**
+   * What changed, for caches and publishers in this process (CRL, OCSP, webhooks):
+   * 'revoked' (RevokedEvent) after the revocation has committed.
+   */
+  readonly events = new EventEmitter();
   readonly #recorder: CertificateRecorder;
   readonly #deviceCommits: GroupCommitter;
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
@@ -135,6 +142,11 @@ export class Authority {
   caChain(name: string, chain = true): Promise<Buffer[]> { return this.directory.caChain(name, chain); }
   rootName(): Promise<string> { return this.directory.rootName(); }
   #caRow(name: string): Promise<CaRow> { return this.directory.caRow(name); }
+
+  /** An issuing CA able to sign (its key loaded from its backend): for CRLs and other CA-signed data. Never the root. */
+  signingCa(name: string): Promise<SigningCa & { readonly row: CaRow; readonly chain: readonly Buffer[] }> {
+    return this.#issuer(name);
+  }
 
   async #issuer(name: string): Promise<LoadedIssuer> {
     let p = this.#issuers.get(name);
@@ -454,6 +466,16 @@ export class Authority {
     }
     this.#issuers.delete(pending.name);
     return (await this.listCas()).find((c) => c.name === pending.name)!;
+  }
+
+  /**
+   * Revokes a certificate, a device (which may then never enrol again), a batch's or a line's certificates,
+   * or everything a CA issued. Emits 'revoked' per issuer once committed, so CRL and OCSP follow at once.
+   */
+  async revoke(target: RevocationTarget, reason: RevocationReason, actor: string): Promise<RevocationResult> {
+    const result = await revokeCertificates(this.store, target, reason, actor);
+    for (const event of revokedEvents(result)) this.events.emit('revoked', event);
+    return result;
   }
 
   async audit(events: readonly AuditEvent[]): Promise<void> {

@@ -209,6 +209,30 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.alterTable('products').dropColumn('allow_server_keygen').execute();
       },
     },
+    '0004_revocation': {
+      async up(db: Kysely<unknown>) {
+        // CRLs as issued: full and delta (RFC 5280 §5.2.4), one CRL number sequence per CA shared by both.
+        await autoId(db, 'crls')
+          .addColumn('ca_id', 'integer', (c) => c.notNull().references('certificate_authorities.id'))
+          .addColumn('number', 'integer', (c) => c.notNull())
+          .addColumn('kind', 'text', (c) => c.notNull().check(sql`kind in ('full', 'delta')`))
+          // Delta CRLs: the full CRL number they build on (the Delta CRL Indicator).
+          .addColumn('base_number', 'integer')
+          .addColumn('this_update', 'text', (c) => c.notNull())
+          .addColumn('next_update', 'text', (c) => c.notNull())
+          .addColumn('entries', 'integer', (c) => c.notNull())
+          .addColumn('der', binary, (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addUniqueConstraint('crls_ca_number_unique', ['ca_id', 'number'])
+          .execute();
+        // CRL and OCSP read the revoked certificates of one issuer.
+        await db.schema.createIndex('certificates_issuer_status').on('certificates').columns(['issuer_id', 'status', 'revoked_at']).execute();
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.dropIndex('certificates_issuer_status').execute();
+        await db.schema.dropTable('crls').execute();
+      },
+    },
   };
 }
 

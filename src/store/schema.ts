@@ -162,6 +162,19 @@ export interface EnrolmentApprovalsTable {
   reason: string | null;
 }
 
+export interface CrlsTable {
+  id: Generated<number>;
+  ca_id: number;
+  number: number;
+  kind: 'full' | 'delta';
+  base_number: number | null;
+  this_update: string;
+  next_update: string;
+  entries: number;
+  der: Buffer;
+  created_at: string;
+}
+
 export interface ClaimUsesTable { claim_id: string; udid: string; at: string }
 
 export interface Database {
@@ -179,6 +192,7 @@ export interface Database {
   claims: ClaimsTable;
   claim_uses: ClaimUsesTable;
   enrolment_approvals: EnrolmentApprovalsTable;
+  crls: CrlsTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;
