@@ -159,7 +159,9 @@ export class Authority {
         const signer = await this.caKeys.signer(JSON.parse(row.key_ref) as KeyRef);
         if (!signer.publicKeySpki.equals(cert.subjectPublicKeyInfo)) throw new HallmarkError('KEY_BACKEND_FAILED', `the key of CA ${name} does not match its certificate`);
         const chain = await this.caChain(name);
-        return { ...signingCa(cert.subject, Buffer.from(row.ski, 'hex'), signer, cert.notAfter), row, chain };
+        const base = this.config.publicUrl;
+        const pointers = base ? { crl: `${base}/crl/${encodeURIComponent(name)}.crl`, ocsp: `${base}/ocsp`, caIssuers: `${base}/ca/${encodeURIComponent(name)}.crt` } : undefined;
+        return { ...signingCa(cert.subject, Buffer.from(row.ski, 'hex'), signer, cert.notAfter), pointers, row, chain };
       })();
       this.#issuers.set(name, p);
       p.catch(() => this.#issuers.delete(name));

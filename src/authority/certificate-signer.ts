@@ -7,7 +7,7 @@ import { assembleCertificate, encodeTbsCertificate, parseCertificate, serialToHe
 import { keyIdentifier, type AltNames } from '../pki/extensions.js';
 import type { Signer } from '../keys/key-backend.js';
 import type { KeyObject } from 'node:crypto';
-import { checkAgainstProfile, extensionsFor, type CertificateProfile, type ProfileInputs } from './profiles.js';
+import { checkAgainstProfile, extensionsFor, pointerExtensions, type CertificateProfile, type ProfileInputs, type RevocationPointers } from './profiles.js';
 
 /** A CA able to sign: its name (DER), key identifier, validity end and key. */
 export interface SigningCa {
@@ -17,6 +17,8 @@ export interface SigningCa {
   readonly notAfter?: Date;
   readonly signer: Signer;
   readonly scheme: SignatureScheme;
+  /** Revocation pointers written into the end-entity certificates this CA issues. */
+  readonly pointers?: RevocationPointers;
 }
 
 export function signingCa(subject: Buffer, keyId: Buffer, signer: Signer, notAfter?: Date): SigningCa {
@@ -96,6 +98,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     altNames: order.altNames,
     pathLen: order.pathLen,
     permittedDns: order.permittedDns,
+    pointers: ca.pointers,
   });
   const issuer = selfSigned ? order.subject : ca.subject;
   const tbs = encodeTbsCertificate({ serial, scheme: ca.scheme, issuer, notBefore, notAfter, subject: order.subject, subjectPublicKeyInfo: order.subjectPublicKeyInfo, extensions });
@@ -117,6 +120,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     subjectKeyKind: order.subjectKeyKind,
     altNamesPresent: !!a && [a.dns, a.ip, a.uri, a.email].some((l) => (l?.length ?? 0) > 0),
     nameConstraintsPresent: (order.permittedDns?.length ?? 0) > 0,
+    pointerExtensions: pointerExtensions(profile, ca.pointers),
   });
   return { der, parsed, serialHex };
 }

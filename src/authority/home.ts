@@ -29,6 +29,23 @@ export interface HomeConfig {
   defaultIssuer: string;
   readonly tls: { readonly keyRef: KeyRef; readonly dnsNames: readonly string[]; readonly ipAddresses: readonly string[] };
   ocspSigners: Record<string, { readonly keyRef: KeyRef; readonly serial: string }>;
+  /**
+   * Where relying parties reach the public listener (http://pki.example.com:8080). When set, issued device
+   * and TLS certificates carry CRL Distribution Points (PUBLIC/crl/CA.crl) and Authority Information Access
+   * (OCSP: PUBLIC/ocsp; CA issuers: PUBLIC/ca/CA.crt).
+   */
+  publicUrl?: string;
+}
+
+/** Checks a public base URL: http(s), a host, no query or fragment; returned without a trailing slash. */
+export function checkPublicUrl(text: string): string {
+  let u: URL;
+  try { u = new URL(text); } catch { throw new HallmarkError('BAD_REQUEST', `--public-url is not a URL: ${JSON.stringify(text)}`); }
+  if (!['http:', 'https:'].includes(u.protocol) || !u.hostname || u.search || u.hash || u.username || u.password) {
+    throw new HallmarkError('BAD_REQUEST', `--public-url must be http(s)://HOST[:PORT][/PATH] without query, fragment or credentials: ${JSON.stringify(text)}`);
+  }
+  if (!/^[\x21-\x7e]+$/.test(u.href)) throw new HallmarkError('BAD_REQUEST', '--public-url must be plain ASCII');
+  return u.href.replace(/\/+$/, '');
 }
 
 export interface RootConfig {

@@ -16,7 +16,7 @@ import { nameToString } from '../pki/names.js';
 import { encodePem } from '../pki/pem.js';
 import { Store, nowIso } from '../store/database.js';
 import { Authority } from './authority.js';
-import { HOME_FILES, ROOT_FILES, databaseUrl, saveHomeConfig, type HomeConfig, type Pkcs11Settings } from './home.js';
+import { HOME_FILES, ROOT_FILES, checkPublicUrl, databaseUrl, saveHomeConfig, type HomeConfig, type Pkcs11Settings } from './home.js';
 import { OfflineRoot } from './offline-root.js';
 
 export interface InitOptions {
@@ -35,6 +35,8 @@ export interface InitOptions {
   readonly tlsDnsNames?: readonly string[];
   readonly tlsIpAddresses?: readonly string[];
   readonly development?: boolean;
+  /** Base URL of the public listener, written into certificates (CRL and OCSP pointers). */
+  readonly publicUrl?: string;
   readonly actor: string;
 }
 
@@ -95,6 +97,7 @@ export async function initAuthority(options: InitOptions): Promise<InitResult> {
       defaultIssuer: issuingCaName,
       tls: { keyRef: tlsKey, dnsNames: ['localhost', ...new Set([hostname().toLowerCase(), ...(options.tlsDnsNames ?? [])])].filter((d, i, a) => a.indexOf(d) === i), ipAddresses: ['127.0.0.1', '::1', ...(options.tlsIpAddresses ?? [])] },
       ocspSigners: {},
+      ...(options.publicUrl ? { publicUrl: checkPublicUrl(options.publicUrl) } : {}),
     };
 
     const rootCert = root.certificate;

@@ -7,7 +7,7 @@ import type { KeyAlgorithm } from '../pki/algorithms.js';
 import { serialToHex, type ParsedCertificate } from '../pki/certificate.js';
 import {
   EKU, EXT, authorityKeyIdentifier, basicConstraints, decodeAuthorityKeyId, decodeBasicConstraints, decodeKeyUsage,
-  decodeOidSequence, decodeSubjectKeyId, extKeyUsage, keyIdentifier, keyUsage, nameConstraints, ocspNoCheck,
+  authorityInfoAccess, crlDistributionPoints, extension, decodeOidSequence, decodeSubjectKeyId, extKeyUsage, keyIdentifier, keyUsage, nameConstraints, ocspNoCheck,
   subjectAltName, subjectKeyIdentifier, type AltNames, type KeyUsage,
 } from '../pki/extensions.js';
 
@@ -58,6 +58,23 @@ export interface ProfileInputs {
   /** Intermediate profile: permitted DNS subtrees / directory names. */
   readonly permittedDns?: readonly string[];
   readonly permittedDirectoryNames?: readonly Buffer[];
+  /** Where relying parties find revocation status (end-entity profiles only): CRL Distribution Points and AIA. */
+  readonly pointers?: RevocationPointers;
+}
+
+export interface RevocationPointers {
+  readonly crl?: string;
+  readonly ocsp?: string;
+  readonly caIssuers?: string;
+}
+
+/** The pointer extensions for a profile, in a fixed order (none for CA or OCSP-signer certificates). */
+export function pointerExtensions(profile: CertificateProfile, pointers: RevocationPointers | undefined): { readonly oid: string; readonly der: Buffer }[] {
+  if (!pointers || profile.ca || profile.ocspNoCheck) return [];
+  const out: { oid: string; der: Buffer }[] = [];
+  if (pointers.crl) out.push({ oid: EXT.crlDistributionPoints, der: crlDistributionPoints([pointers.crl]) });
+  if (pointers.ocsp || pointers.caIssuers) out.push({ oid: EXT.authorityInfoAccess, der: authorityInfoAccess({ ocsp: pointers.ocsp ? [pointers.ocsp] : [], caIssuers: pointers.caIssuers ? [pointers.caIssuers] : [] }) });
+  return out;
 }
 
 function hasAltNames(a?: AltNames): boolean {
@@ -78,6 +95,7 @@ export function extensionsFor(profile: CertificateProfile, inputs: ProfileInputs
   }
   if (hasAltNames(inputs.altNames)) out.push(subjectAltName(inputs.altNames!));
   if (profile.ocspNoCheck) out.push(ocspNoCheck());
+  out.push(...pointerExtensions(profile, inputs.pointers).map((e) => e.der));
   if (profile.ca && (inputs.permittedDns?.length || inputs.permittedDirectoryNames?.length)) {
     out.push(nameConstraints({ dns: inputs.permittedDns ?? [], directoryNames: inputs.permittedDirectoryNames ?? [] }));
   } else if (!profile.ca && (inputs.permittedDns?.length || inputs.permittedDirectoryNames?.length)) {
@@ -99,6 +117,8 @@ export interface ExpectedCertificate {
   readonly subjectKeyKind: ProfileInputs['subjectKeyKind'];
   readonly altNamesPresent: boolean;
   readonly nameConstraintsPresent: boolean;
+  /** The pointer extensions the certificate must carry, exactly (DER). */
+  readonly pointerExtensions?: readonly { readonly oid: string; readonly der: Buffer }[];
 }
 
 /**
@@ -124,6 +144,8 @@ export function checkAgainstProfile(profile: CertificateProfile, cert: ParsedCer
   if (expected.altNamesPresent) want.add(EXT.subjectAltName);
   if (profile.ocspNoCheck) want.add(EXT.ocspNoCheck);
   if (expected.nameConstraintsPresent) want.add(EXT.nameConstraints);
+  const pointers = new Map<string, Buffer>((expected.pointerExtensions ?? []).map((e) => [e.oid, e.der]));
+  for (const oid of pointers.keys()) want.add(oid);
   for (const oid of cert.extensions.keys()) if (!want.has(oid)) fail(`unexpected extension ${oid}`);
   for (const oid of want) if (!cert.extensions.has(oid)) fail(`missing extension ${oid}`);
 
@@ -145,4 +167,8 @@ export function checkAgainstProfile(profile: CertificateProfile, cert: ParsedCer
   const aki = decodeAuthorityKeyId(cert.extensions.get(EXT.authorityKeyIdentifier)!.value);
   if (!aki || !aki.equals(expected.issuerKeyId)) fail('authorityKeyIdentifier');
   if (expected.nameConstraintsPresent && !cert.extensions.get(EXT.nameConstraints)!.critical) fail('nameConstraints must be critical');
+  for (const [oid, der] of pointers) {
+    const got = cert.extensions.get(oid)!;
+    if (!extension(oid, got.critical, got.value).equals(der)) fail(`${oid === EXT.crlDistributionPoints ? 'cRLDistributionPoints' : 'authorityInfoAccess'} value`);
+  }
 }

@@ -93,12 +93,10 @@ async function candidates(trx: Transaction<Database>, target: RevocationTarget):
     return valid.where('certificates.device_udid', 'in', (eb) => eb.selectFrom('devices').select('udid').where('batch_id', '=', target.batch)).execute();
   }
   if ('line' in target) {
-    const line = await trx.selectFrom('lines').select(['id', 'ca_id']).where('name', '=', target.line).executeTakeFirst();
+    // The line's devices' certificates (lines may share a CA: revoke everything a CA issued with --ca).
+    const line = await trx.selectFrom('lines').select(['id']).where('name', '=', target.line).executeTakeFirst();
     if (!line) throw new HallmarkError('LINE_NOT_FOUND', `no line named ${target.line}`);
-    return valid.where((eb) => eb.or([
-      eb('certificates.device_udid', 'in', eb.selectFrom('devices').select('udid').where('line_id', '=', line.id)),
-      eb('certificates.issuer_id', '=', line.ca_id),
-    ])).execute();
+    return valid.where('certificates.device_udid', 'in', (eb) => eb.selectFrom('devices').select('udid').where('line_id', '=', line.id)).execute();
   }
   const ca = await trx.selectFrom('certificate_authorities').select(['id', 'role']).where('name', '=', target.ca).executeTakeFirst();
   if (!ca) throw new HallmarkError('CA_NOT_FOUND', `no CA named ${target.ca}`);

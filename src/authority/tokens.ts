@@ -12,6 +12,7 @@ export const SCOPES = {
   'ca:read': 'list and export CAs',
   'certificates:read': 'look up issued certificates',
   'certificates:issue': 'issue certificates from CSRs',
+  'certificates:revoke': 'revoke certificates, devices, batches, lines',
   'audit:read': 'read and verify the audit log',
   'registry:read': 'read products, lines, batches, devices and vendors',
   'registry:write': 'create products, lines, batches; register, transfer, suspend, resume, decommission devices; trust vendors',

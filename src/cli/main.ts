@@ -13,6 +13,7 @@ import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListComman
 import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, deviceResumeCommand, deviceShowCommand, deviceSuspendCommand, deviceTransferCommand } from './commands/device.js';
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
+import { revokeCommand } from './commands/revoke.js';
 import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
 import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
 import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
@@ -23,7 +24,7 @@ const COMMANDS: readonly Command[] = [
   productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
-  claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
+  revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
   agentEnrollCommand, agentReenrollCommand,
 ];
 

@@ -11,6 +11,7 @@ import { normaliseSerialHex } from '../pki/certificate.js';
 import { encodePem } from '../pki/pem.js';
 import { registerRegistryApi } from './registry-api.js';
 import { registerEnrolmentApi } from './enrolment-api.js';
+import { describeTarget, parseRevocationReason, type RevocationTarget } from '../authority/revocation.js';
 
 declare module 'fastify' {
   interface FastifyRequest { principal?: Principal }
@@ -129,6 +130,26 @@ export async function registerAdminApi(app: FastifyInstance, authority: Authorit
     const rows = await authority.findCertificate(normaliseSerialHex(request.params.serial));
     if (rows.length === 0) throw new HallmarkError('CERTIFICATE_NOT_FOUND', `no certificate with serial ${request.params.serial}`);
     return { items: rows.map(({ der, ...r }) => ({ ...r, certificate: encodePem('CERTIFICATE', der) })) };
+  });
+
+  app.post<{ Body: { serial?: string; ca?: string; device?: string; batch?: string; line?: string; reason?: string } }>('/api/v1/revocations', {
+    config: { scope: 'certificates:revoke' },
+    schema: {
+      summary: 'Revoke a certificate (serial, with ca when ambiguous), a device, or every certificate of a batch, a line or a CA', tags: ['certificates'],
+      body: {
+        type: 'object', additionalProperties: false,
+        properties: { serial: { type: 'string', maxLength: 64 }, ca: { type: 'string', maxLength: 64 }, device: { type: 'string', maxLength: 95 }, batch: { type: 'string', maxLength: 64 }, line: { type: 'string', maxLength: 64 }, reason: { type: 'string', maxLength: 32 } },
+      },
+      response: { 200: { type: 'object', properties: { target: { type: 'string' }, reason: { type: 'string' }, revoked: { type: 'integer' }, at: { type: 'string' }, byIssuer: { type: 'object', additionalProperties: { type: 'array', items: { type: 'string' } } } } }, ...errors },
+    },
+  }, async (request) => {
+    const b = request.body;
+    const named = [b.serial, b.device, b.batch, b.line].filter((v) => v !== undefined).length + (b.serial === undefined && b.ca !== undefined ? 1 : 0);
+    if (named !== 1) throw new HallmarkError('BAD_REQUEST', 'name exactly one of serial, device, batch, line or ca');
+    const target: RevocationTarget = b.serial !== undefined ? { serial: b.serial, ca: b.ca } : b.device !== undefined ? { device: b.device } : b.batch !== undefined ? { batch: b.batch } : b.line !== undefined ? { line: b.line } : { ca: b.ca! };
+    const reason = parseRevocationReason(b.reason);
+    const result = await authority.revoke(target, reason, `token:${request.principal?.tokenId ?? '?'}`);
+    return { target: describeTarget(target), reason, revoked: result.revoked, at: result.at.toISOString(), byIssuer: Object.fromEntries([...result.byIssuer].map(([k, v]) => [k, v.serials])) };
   });
 
   app.get<{ Querystring: { after?: number; limit?: number; action?: string } }>('/api/v1/audit', {

@@ -10,6 +10,7 @@ export const initCommand: Command = {
                      [--key-algorithm ecdsa-p256|ecdsa-p384|ed25519|rsa-2048|rsa-3072]
                      [--pkcs11-module PATH --pkcs11-token LABEL [--root-pkcs11-token LABEL]]
                      [--passphrase-file FILE] [--root-passphrase-file FILE] [--dns NAME]... [--ip ADDR]...
+                     [--public-url http://pki.example.com:8080]
 
 Creates a self-signed root CA whose key is kept in a separate root directory (default: hallmark-root
 beside the home; carry it offline) or a PKCS#11 token, an issuing intermediate CA "issuing-1" signed
@@ -19,6 +20,8 @@ The passphrase protecting the key stores comes from --passphrase-file, HALLMARK_
 terminal prompt. The root directory uses --root-passphrase-file / HALLMARK_ROOT_PASSPHRASE when given.
 With --key-backend pkcs11 the PIN is HALLMARK_PKCS11_PIN (or the passphrase); the root token may
 have its own PIN in HALLMARK_ROOT_PKCS11_PIN.
+--public-url: where devices and services reach the public listener (hallmark serve --http-port);
+issued device and TLS certificates then point there for CRLs (/crl/CA.crl) and OCSP (/ocsp).
 --home defaults to HALLMARK_HOME, then ./hallmark-data.`,
   options: {
     org: { type: 'string' },
@@ -32,6 +35,7 @@ have its own PIN in HALLMARK_ROOT_PKCS11_PIN.
     'root-passphrase-file': { type: 'string' },
     dns: { type: 'string', multiple: true },
     ip: { type: 'string', multiple: true },
+    'public-url': { type: 'string' },
   },
   async run(args) {
     const home = resolveHome(str(args, 'home'));
@@ -51,6 +55,7 @@ have its own PIN in HALLMARK_ROOT_PKCS11_PIN.
       algorithm: str(args, 'key-algorithm'),
       tlsDnsNames: list(args, 'dns'),
       tlsIpAddresses: list(args, 'ip'),
+      publicUrl: str(args, 'public-url'),
       actor: actor(),
     });
     out(`Initialised authority for ${org}

@@ -41,7 +41,7 @@ GET /healthz. The root key is never needed.
     if (flag(args, 'dev') && !isInitialised(home)) {
       passphrase = process.env.HALLMARK_PASSPHRASE || randomBytes(24).toString('base64url');
       log.warn({ home }, '*** CREATING A DEVELOPMENT AUTHORITY — FOR DEVELOPMENT ONLY, NOT FOR PRODUCTION ***');
-      await initAuthority({ home, rootDir: defaultRootDir(home), org: 'Hallmark Development', passphrase, keyBackend: 'file', development: true, actor: actor() });
+      await initAuthority({ home, rootDir: defaultRootDir(home), org: 'Hallmark Development', passphrase, keyBackend: 'file', development: true, publicUrl: `http://localhost:${intOption(args, 'http-port') ?? 8080}`, actor: actor() });
       if (!process.env.HALLMARK_PASSPHRASE) writeFileSync(devPassFile, passphrase + '\n', { mode: 0o600 });
     } else if (flag(args, 'dev') && !process.env.HALLMARK_PASSPHRASE && !str(args, 'passphrase-file') && existsSync(devPassFile)) {
       passphrase = readFileSync(devPassFile, 'utf8').trim();
