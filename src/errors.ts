@@ -52,6 +52,7 @@ export const ERROR_CODES = {
   SERVER_KEYGEN_NOT_ALLOWED: { status: 403, meaning: 'The product does not allow server-side key generation.' },
   ENROLMENT_PENDING: { status: 202, meaning: 'The enrolment waits for an operator\'s approval (batch created with --require-approval); ask again after Retry-After.' },
   ENROLMENT_REJECTED: { status: 403, meaning: 'An operator rejected this device\'s enrolment request.' },
+  RENEWAL_NOT_DUE: { status: 403, meaning: 'The current certificate is not yet in its renewal window (the product renews after a share of the lifetime); Retry-After says when.' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, meaning: 'The request body has the wrong Content-Type (EST wants application/pkcs10).' },
   RATE_LIMITED: { status: 429, meaning: 'Too many requests from this client or with this claim; retry after the time given.' },
   AUDIT_CHAIN_BROKEN: { status: 500, meaning: 'The audit log hash chain does not verify.' },

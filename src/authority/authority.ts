@@ -30,6 +30,7 @@ import { DEFAULT_TENANT, Registry, normaliseUdid, udidOfKey } from '../registry/
 import { rawSql } from '../store/raw-sql.js';
 import { registryFor } from '../registry/birth-certificates.js';
 import { CaDirectory, describeKeyRef, type CaInfo } from './ca-directory.js';
+import { AnnouncedRevocations, watchRevocations } from './revocation-watcher.js';
 import { revokeCertificates, revokedEvents, type RevocationReason, type RevocationResult, type RevocationTarget } from './revocation.js';
 export type { CaInfo } from './ca-directory.js';
 import type { Signer } from '../keys/key-backend.js';
@@ -78,6 +79,8 @@ export interface DeviceIssueRequest {
   readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
   /** The device is not registered yet: register this key in this batch, in the issuance's transaction (claims on batches that allow unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
+  /** A renewal with this current certificate: the product's renewal window applies. */
+  readonly renewal?: { readonly serial: string; readonly notBefore: Date; readonly notAfter: Date };
   /** Added to the certificate.issue audit entry (how the device authenticated). */
   readonly auditDetails?: Readonly<Record<string, unknown>>;
 }
@@ -102,6 +105,7 @@ export class Authority {
   readonly events = new EventEmitter();
   readonly #recorder: CertificateRecorder;
   readonly #deviceCommits: GroupCommitter;
+  readonly #announced = new AnnouncedRevocations();
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
 
   private constructor(home: string, config: HomeConfig, store: Store, fileKeys: FileKeyBackend, caKeys: KeyBackend) {
@@ -248,6 +252,16 @@ export class Authority {
       throw err;
     };
     if (!['registered', 'provisioned', 'active'].includes(device.state)) return refuse(new HallmarkError('DEVICE_NOT_ELIGIBLE', `device ${device.udid} is ${device.state}: no certificate may be issued to it`));
+    const percent = Number(product.renew_after_percent);
+    if (request.renewal && percent > 0) {
+      const { notBefore, notAfter } = request.renewal;
+      const opens = new Date(notBefore.getTime() + ((notAfter.getTime() - notBefore.getTime()) * percent) / 100);
+      if (opens > new Date()) {
+        return refuse(Object.assign(new HallmarkError('RENEWAL_NOT_DUE', `certificate ${request.renewal.serial} may be renewed from ${opens.toISOString()} (product ${product.name} renews after ${percent}% of the lifetime)`), {
+          retryAfterSeconds: Math.ceil((opens.getTime() - Date.now()) / 1000),
+        }));
+      }
+    }
     const csr = typeof request.csr === 'object' && !Buffer.isBuffer(request.csr) ? request.csr : parseCsr(decodeOne(request.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
     const csrKey = request.csrKey ?? (await verifyCsr(csr));
     let subjectSpki: Buffer;
@@ -326,13 +340,13 @@ export class Authority {
     if (!request.newDevice && !existing) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${request.udid}`);
     const batchId = existing ? existing.batch_id : request.newDevice!.batch;
     const row = (await rawSql<BatchRow & {
-      product_name: string; profile: string; validity_days: number; allow_server_keygen: number; allow_rekey: number; product_created_at: string; line_name: string; ca_name: string;
+      product_name: string; profile: string; validity_days: number; allow_server_keygen: number; allow_rekey: number; renew_after_percent: number; product_created_at: string; line_name: string; ca_name: string;
     }>(this.store.db, dialect, `select b.id, b.product_id, b.line_id, b.quota, b.issued_count, b.refused_count, b.allow_unregistered, b.require_approval, b.expires_at, b.created_at,
-        p.name as product_name, p.profile, p.validity_days, p.allow_server_keygen, p.allow_rekey, p.created_at as product_created_at, l.name as line_name, ca.name as ca_name
+        p.name as product_name, p.profile, p.validity_days, p.allow_server_keygen, p.allow_rekey, p.renew_after_percent, p.created_at as product_created_at, l.name as line_name, ca.name as ca_name
       from batches b join products p on p.id = b.product_id join lines l on l.id = b.line_id join certificate_authorities ca on ca.id = l.ca_id where b.id = ?`, [batchId])).rows[0];
     if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${batchId}`);
     const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, require_approval: row.require_approval, expires_at: row.expires_at, created_at: row.created_at };
-    const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, created_at: row.product_created_at };
+    const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, renew_after_percent: row.renew_after_percent, created_at: row.product_created_at };
     const now = nowIso();
     const device: DeviceRow = existing ?? {
       udid: udidOfKey(request.newDevice!.publicKeySpki), public_key_spki: request.newDevice!.publicKeySpki, public_key_sha256: udidOfKey(request.newDevice!.publicKeySpki),
@@ -476,8 +490,19 @@ export class Authority {
    */
   async revoke(target: RevocationTarget, reason: RevocationReason, actor: string): Promise<RevocationResult> {
     const result = await revokeCertificates(this.store, target, reason, actor);
-    for (const event of revokedEvents(result)) this.events.emit('revoked', event);
+    for (const event of revokedEvents(result)) {
+      const serials = this.#announced.fresh(event.issuerId, event.serials);
+      if (serials.length > 0) this.events.emit('revoked', { ...event, serials });
+    }
     return result;
+  }
+
+  /**
+   * Announces revocations made elsewhere (another process, the registry) as 'revoked' events, polling the
+   * store every `intervalMs`. Returns the function that stops it. `hallmark serve` runs one.
+   */
+  watchRevocations(intervalMs = 1000): () => void {
+    return watchRevocations(this, this.#announced, intervalMs);
   }
 
   async audit(events: readonly AuditEvent[]): Promise<void> {

@@ -52,6 +52,8 @@ export interface EnrolmentIdentity {
   readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
   /** Not registered yet: the authority registers this key in this batch with the issuance (claims on batches that accept unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
+  /** Set by the current-certificate authenticator: the certificate being renewed. */
+  readonly renewal?: { readonly serial: string; readonly notBefore: Date; readonly notAfter: Date };
 }
 
 /**

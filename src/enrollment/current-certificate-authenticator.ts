@@ -27,6 +27,7 @@ export const currentCertificateAuthenticator: EnrolmentAuthenticator = {
       provenKeys: [spki],
       actor: `device:${row.device_udid}`,
       details: { authenticator: 'current-certificate', previousSerial: row.serial },
+      renewal: { serial: row.serial, notBefore: new Date(row.not_before), notAfter: new Date(row.not_after) },
     };
   },
 };

@@ -103,6 +103,7 @@ export class EnrolmentService {
       serverKeygen: request.operation === 'serverkeygen',
       inTransaction,
       newDevice: identity.newDevice,
+      renewal: identity.renewal,
       auditDetails: { ...identity.details, operation: request.operation, source: request.source, ...(request.label ? { label: request.label } : {}) },
     });
     return { ...issued, udid: identity.udid, authenticator: identity.authenticator };

@@ -124,7 +124,9 @@ export class Registry {
    * allowServerKeygen: EST serverkeygen may make this product's device keys (for devices that cannot).
    * allowRekey: a device's operational key may differ from its registered hardware key (rekey).
    */
-  async createProduct(options: { name: string; profile?: string; validityDays?: number; allowServerKeygen?: boolean; allowRekey?: boolean; actor: string }): Promise<void> {
+  async createProduct(options: { name: string; profile?: string; validityDays?: number; allowServerKeygen?: boolean; allowRekey?: boolean; renewAfterPercent?: number; actor: string }): Promise<void> {
+    const renewAfter = options.renewAfterPercent ?? 0;
+    if (!Number.isInteger(renewAfter) || renewAfter < 0 || renewAfter > 99) throw new HallmarkError('BAD_REQUEST', 'the renewal window opens after 0..99 % of the lifetime');
     const name = checkName('product', options.name);
     const profile = profileByName(options.profile ?? 'device');
     if (profile.ca) throw new HallmarkError('PROFILE_VIOLATION', 'a product profile cannot be a CA profile');
@@ -134,14 +136,14 @@ export class Registry {
       if (await trx.selectFrom('products').select('id').where('name', '=', name).executeTakeFirst()) throw new HallmarkError('ALREADY_EXISTS', `product ${name} already exists`);
       const allowServerKeygen = options.allowServerKeygen ? 1 : 0;
       const allowRekey = options.allowRekey ? 1 : 0;
-      await trx.insertInto('products').values({ name, profile: profile.name, validity_days: days, created_at: nowIso(), allow_server_keygen: allowServerKeygen, allow_rekey: allowRekey }).execute();
-      await appendAudit(trx, [{ actor: options.actor, action: 'product.create', target: name, details: { profile: profile.name, validityDays: days, allowServerKeygen: !!allowServerKeygen, allowRekey: !!allowRekey } }]);
+      await trx.insertInto('products').values({ name, profile: profile.name, validity_days: days, created_at: nowIso(), allow_server_keygen: allowServerKeygen, allow_rekey: allowRekey, renew_after_percent: renewAfter }).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'product.create', target: name, details: { profile: profile.name, validityDays: days, allowServerKeygen: !!allowServerKeygen, allowRekey: !!allowRekey, renewAfterPercent: renewAfter } }]);
     });
   }
 
-  async listProducts(): Promise<{ name: string; profile: string; validityDays: number; allowServerKeygen: boolean; allowRekey: boolean; createdAt: string }[]> {
+  async listProducts(): Promise<{ name: string; profile: string; validityDays: number; allowServerKeygen: boolean; allowRekey: boolean; renewAfterPercent: number; createdAt: string }[]> {
     const rows = await this.store.db.selectFrom('products').selectAll().orderBy('name').execute();
-    return rows.map((r) => ({ name: r.name, profile: r.profile, validityDays: r.validity_days, allowServerKeygen: !!Number(r.allow_server_keygen), allowRekey: !!Number(r.allow_rekey), createdAt: r.created_at }));
+    return rows.map((r) => ({ name: r.name, profile: r.profile, validityDays: r.validity_days, allowServerKeygen: !!Number(r.allow_server_keygen), allowRekey: !!Number(r.allow_rekey), renewAfterPercent: Number(r.renew_after_percent), createdAt: r.created_at }));
   }
 
   async createLine(options: { name: string; ca: string; actor: string }): Promise<void> {

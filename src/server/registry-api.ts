@@ -44,9 +44,9 @@ export function registerRegistryApi(app: FastifyInstance, authority: Authority):
   app.get('/api/v1/products', { config: read, schema: { summary: 'List products', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },
     async () => ({ items: await registry.listProducts(), next: null }));
 
-  app.post<{ Body: { name: string; profile?: string; validityDays?: number; allowServerKeygen?: boolean; allowRekey?: boolean } }>('/api/v1/products', {
+  app.post<{ Body: { name: string; profile?: string; validityDays?: number; allowServerKeygen?: boolean; allowRekey?: boolean; renewAfterPercent?: number } }>('/api/v1/products', {
     config: write,
-    schema: { summary: 'Create a product', tags: ['registry'], body: { type: 'object', additionalProperties: false, required: ['name'], properties: { name, profile: { type: 'string', maxLength: 64 }, validityDays: { type: 'integer', minimum: 1, maximum: 10950 }, allowServerKeygen: { type: 'boolean' }, allowRekey: { type: 'boolean' } } }, response: { 201: anyObject, ...errors } },
+    schema: { summary: 'Create a product', tags: ['registry'], body: { type: 'object', additionalProperties: false, required: ['name'], properties: { name, profile: { type: 'string', maxLength: 64 }, validityDays: { type: 'integer', minimum: 1, maximum: 10950 }, allowServerKeygen: { type: 'boolean' }, allowRekey: { type: 'boolean' }, renewAfterPercent: { type: 'integer', minimum: 0, maximum: 99 } } }, response: { 201: anyObject, ...errors } },
   }, async (request, reply) => {
     await registry.createProduct({ ...request.body, actor: actorOf(request) });
     return reply.status(201).send((await registry.listProducts()).find((p) => p.name === request.body.name));

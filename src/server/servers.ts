@@ -28,6 +28,8 @@ export interface ServerOptions {
   readonly requestTimeoutMs?: number;
   /** EST requests per minute per client address (0: no limit). */
   readonly estPerClientPerMinute?: number;
+  /** How often revocations made by other processes are looked for (ms). Default 1000. */
+  readonly revocationPollMs?: number;
 }
 
 export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute'>;
@@ -106,6 +108,8 @@ export async function startServers(authority: Authority, options: ServerOptions)
     await https.close();
     throw err;
   }
+  // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
+  const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
   const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host;
   return {
     https,
@@ -113,6 +117,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
     httpsUrl: `https://${hostForUrl}:${(https.server.address() as AddressInfo).port}`,
     httpUrl: `http://${hostForUrl}:${(http.server.address() as AddressInfo).port}`,
     async close() {
+      stopWatching();
       await Promise.all([https.close(), http.close()]);
     },
   };

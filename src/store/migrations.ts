@@ -225,12 +225,15 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('created_at', 'text', (c) => c.notNull())
           .addUniqueConstraint('crls_ca_number_unique', ['ca_id', 'number'])
           .execute();
+        // Renewal window per product: re-enrolment is allowed once this share of a certificate's lifetime has passed (0: any time).
+        await db.schema.alterTable('products').addColumn('renew_after_percent', 'integer', (c) => c.notNull().defaultTo(0)).execute();
         // CRL and OCSP read the revoked certificates of one issuer.
         await db.schema.createIndex('certificates_issuer_status').on('certificates').columns(['issuer_id', 'status', 'revoked_at']).execute();
       },
       async down(db: Kysely<unknown>) {
         await db.schema.dropIndex('certificates_issuer_status').execute();
         await db.schema.dropTable('crls').execute();
+        await db.schema.alterTable('products').dropColumn('renew_after_percent').execute();
       },
     },
   };

@@ -83,6 +83,7 @@ export interface ProductsTable {
   created_at: string;
   allow_server_keygen: Generated<number>;
   allow_rekey: Generated<number>;
+  renew_after_percent: Generated<number>;
 }
 
 export interface LinesTable {

@@ -111,6 +111,31 @@ forEachDialect('revocation', async (t: TestContext, target: StoreTarget) => {
       assert.ok(bulk.some((b) => b.target === `line ${other.line}` && JSON.parse(b.details).certificatesRevoked === 2));
     });
 
+    await t.test('a revocation made by another process (or through the registry) is announced by the watcher, once', async () => {
+      const { serials: [a, b], keys } = await fleet(3);
+      const stop = authority.watchRevocations(100);
+      const other = await Authority.open(home, PASSPHRASE, await target.openStore());
+      try {
+        events.length = 0;
+        await other.revoke({ serial: a! }, 'superseded', 'cli:other');
+        await authority.registry.changeState(keys[2]!.udid, 'decommission', ACTOR);
+        const deadline = Date.now() + 5000;
+        const seen = () => events.flatMap((e) => e.serials);
+        while (Date.now() < deadline && !(seen().includes(a!) && seen().length >= 2)) await new Promise((r) => setTimeout(r, 50));
+        assert.ok(seen().includes(a!), 'the other process\'s revocation was announced');
+        assert.equal(events.find((e) => e.serials.includes(a!))!.reason, 'superseded');
+        assert.equal(seen().length, 2, 'the decommissioned device\'s certificate too, and nothing twice');
+        // This process's own revocation is announced at once and not again by the watcher.
+        events.length = 0;
+        await authority.revoke({ serial: b! }, 'keyCompromise', ACTOR);
+        await new Promise((r) => setTimeout(r, 400));
+        assert.equal(events.filter((e) => e.serials.includes(b!)).length, 1);
+      } finally {
+        stop();
+        await other.close();
+      }
+    });
+
     await t.test('refusals: unknown serial, unknown batch/line/CA, a CA certificate, the root', async () => {
       await assert.rejects(authority.revoke({ serial: 'abcdef' }, 'unspecified', ACTOR), hasCode('CERTIFICATE_NOT_FOUND'));
       await assert.rejects(authority.revoke({ batch: 'b-nope' }, 'unspecified', ACTOR), hasCode('BATCH_NOT_FOUND'));

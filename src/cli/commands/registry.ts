@@ -14,19 +14,21 @@ function parseValidity(text: string | undefined): number | undefined {
 export const productCreateCommand: Command = {
   name: 'product create',
   summary: 'define a product (what is built) and its certificate profile',
-  usage: `Usage: hallmark product create NAME [--profile device|tls-server] [--validity 1y] [--allow-server-keygen] [--allow-rekey] [--home DIR]
+  usage: `Usage: hallmark product create NAME [--profile device|tls-server] [--validity 1y] [--allow-server-keygen] [--allow-rekey] [--renew-after 66%] [--home DIR]
 
 --allow-server-keygen  EST serverkeygen may generate this product's device keys (devices that cannot make keys)
 --allow-rekey          an operational key may differ from the device's registered hardware key
-                       (a new key at re-enrolment, or a separate operational key at first enrolment)`,
+                       (a new key at re-enrolment, or a separate operational key at first enrolment)
+--renew-after P%       re-enrolment with the current certificate is refused before P % of its lifetime
+                       has passed (EST answers 403 with Retry-After); default 0: any time`,
   allowPositionals: true,
-  options: { profile: { type: 'string' }, validity: { type: 'string' }, 'allow-server-keygen': { type: 'boolean' }, 'allow-rekey': { type: 'boolean' } },
+  options: { profile: { type: 'string' }, validity: { type: 'string' }, 'allow-server-keygen': { type: 'boolean' }, 'allow-rekey': { type: 'boolean' }, 'renew-after': { type: 'string' } },
   async run(args) {
     const name = args.positionals[0];
     if (!name || args.positionals.length > 1) throw new HallmarkError('BAD_REQUEST', `give one product name\n${this.usage}`);
     const validityDays = parseValidity(str(args, 'validity'));
     return withStoreOnly(args, async (ctx) => {
-      await new Registry(ctx.store).createProduct({ name, profile: str(args, 'profile'), validityDays, allowServerKeygen: flag(args, 'allow-server-keygen'), allowRekey: flag(args, 'allow-rekey'), actor: actor() });
+      await new Registry(ctx.store).createProduct({ name, profile: str(args, 'profile'), validityDays, allowServerKeygen: flag(args, 'allow-server-keygen'), allowRekey: flag(args, 'allow-rekey'), renewAfterPercent: parsePercent(str(args, 'renew-after')), actor: actor() });
       out(`Created product ${name}`);
       return 0;
     });
@@ -147,3 +149,10 @@ export const batchListCommand: Command = {
     });
   },
 };
+
+function parsePercent(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const m = /^(\d{1,2})%?$/.exec(text.trim());
+  if (!m) throw new HallmarkError('BAD_REQUEST', `--renew-after must be a percentage 0-99, e.g. 66%: ${JSON.stringify(text)}`);
+  return Number(m[1]);
+}

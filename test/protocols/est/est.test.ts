@@ -290,6 +290,20 @@ describe('EST server', () => {
     assert.match(nameToString(rekeyed.subject), new RegExp(`CN=${flexible.key.udid}`));
   });
 
+  test('renewal window: re-enrolment before the window is refused with Retry-After; inside it, allowed', async () => {
+    await authority.registry.createProduct({ name: 'windowed', validityDays: 10, renewAfterPercent: 50, actor: 'test' });
+    const { key, certPem } = await enrolled('windowed');
+    const early = await enroll(csrB64(key), { path: 'simplereenroll', cert: certPem, key: key.pem });
+    assert.equal(early.status, 403, early.body);
+    assert.equal(codeOf(early), 'RENEWAL_NOT_DUE');
+    const wait = Number(early.headers['retry-after']);
+    assert.ok(wait > 4 * 86400 && wait <= 5 * 86400, `Retry-After ${wait}`);
+    assert.ok((await auditActions()).some((a) => a.action === 'issuance.refused' && a.details.includes('RENEWAL_NOT_DUE')));
+    // Six days later (the certificate's recorded validity moved back six days): inside the window.
+    await authority.store.db.updateTable('certificates').set({ not_before: new Date(Date.now() - 6 * 86400e3).toISOString(), not_after: new Date(Date.now() + 4 * 86400e3).toISOString() }).where('device_udid', '=', key.udid).execute();
+    issuedCert(await enroll(csrB64(key), { path: 'simplereenroll', cert: certPem, key: key.pem }));
+  });
+
   test('re-enrolment without a client certificate is 401; with a revoked or expired one 403; with a suspended device 403', async () => {
     const { key, certPem } = await enrolled('sensor');
     const none = await enroll(csrB64(key), { path: 'simplereenroll' });
