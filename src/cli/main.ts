@@ -6,6 +6,7 @@ import { caExportCommand, caInstallCommand, caListCommand, caRequestCommand } fr
 import { initCommand } from './commands/init.js';
 import { issueCommand } from './commands/issue.js';
 import { rootSignCommand } from './commands/root.js';
+import { crlShowCommand } from './commands/crl.js';
 import { serveCommand } from './commands/serve.js';
 import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
 import { UsageError, parse, type Command } from './io.js';
@@ -25,7 +26,7 @@ const COMMANDS: readonly Command[] = [
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
-  agentEnrollCommand, agentReenrollCommand,
+  agentEnrollCommand, agentReenrollCommand, crlShowCommand,
 ];
 
 function overview(): string {

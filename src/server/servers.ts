@@ -16,6 +16,7 @@ import { encodePem } from '../pki/pem.js';
 import { installErrorHandling } from './errors.js';
 import { registerAdminApi } from './admin-api.js';
 import { registerPublicRoutes } from './public-routes.js';
+import { registerCrlRoutes } from '../protocols/crl/routes.js';
 import { EnrolmentService } from '../enrollment/enrolment.js';
 import { DEFAULT_EST_PER_CLIENT_PER_MINUTE, registerEstRoutes } from '../protocols/est/routes.js';
 
@@ -88,6 +89,7 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
   await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);
+  registerCrlRoutes(app, authority);
   return app;
 }
 
@@ -95,6 +97,7 @@ export async function buildHttpApp(authority: Authority, logger: Logger): Promis
   const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS }) as unknown as FastifyInstance;
   installErrorHandling(app);
   registerPublicRoutes(app, authority);
+  registerCrlRoutes(app, authority);
   return app;
 }
 

@@ -1,0 +1,367 @@
+// CRL publisher: keeps a full and a delta CRL (RFC 5280 §5, §5.2.4) current for every issuing CA,
+// stores each one it makes in `crls` with a `crl.issue` audit entry, and hands out the latest DER.
+//
+//   numbering  one cRLNumber sequence per CA shared by full and delta CRLs (unique (ca_id, number));
+//              the next number is taken as max+1 and re-checked inside the write transaction, so two
+//              processes generating at once retry instead of colliding.
+//   full       every revoked certificate of the CA, except certificates that expired more than one full
+//              CRL validity period ago (RFC 5280 §3.3 / §5: an entry stays until it has appeared on a
+//              regularly scheduled CRL issued after the certificate expired). nextUpdate = thisUpdate +
+//              fullValidityMs (7 days); regenerated every fullEveryMs (24 h), when less than half its
+//              validity remains, or when the delta has grown past deltaMaxEntries.
+//   delta      the certificates revoked since its base full CRL: revoked now, not on the base, revoked_at
+//              no earlier than the base's thisUpdate minus overlapMs (the overlap covers a revocation
+//              whose revoked_at was stamped before the base was read but committed after it). Critical
+//              deltaCRLIndicator = base number; nextUpdate = thisUpdate + deltaValidityMs (1 day).
+//              Regenerated at once (debounced by debounceMs) on the authority's 'revoked' event, after
+//              every new full CRL, and when less than half its validity remains.
+//   freshness  a timer (unref'd, every checkEveryMs) regenerates what is stale and notices revocations
+//              and CRLs made by other processes (a count of revoked rows; the latest stored number).
+//
+// Only issuing CAs (role intermediate, active, key online) get CRLs here; the offline root's CRL is a
+// root ceremony step.
+
+import type { EventEmitter } from 'node:events';
+import { appendAudit } from '../audit/audit-log.js';
+import { HallmarkError } from '../errors.js';
+import { encodeCrl, parseCrl, type CrlEntry } from '../protocols/crl/crl.js';
+import { nowIso, type Store } from '../store/database.js';
+import type { CaRow } from '../store/schema.js';
+import type { CaDirectory } from './ca-directory.js';
+import type { SigningCa } from './certificate-signer.js';
+import type { RevokedEvent } from './revocation.js';
+
+export type CrlKind = 'full' | 'delta';
+
+export interface CrlRecord {
+  readonly ca: string;
+  readonly caId: number;
+  readonly number: number;
+  readonly kind: CrlKind;
+  /** Delta CRLs: the number of their base full CRL. */
+  readonly baseNumber: number | null;
+  readonly thisUpdate: Date;
+  readonly nextUpdate: Date;
+  readonly entries: number;
+  readonly der: Buffer;
+}
+
+export interface CrlPublisherOptions {
+  /** Full CRL nextUpdate - thisUpdate. Default 7 days. */
+  readonly fullValidityMs?: number;
+  /** Delta CRL nextUpdate - thisUpdate. Default 1 day. */
+  readonly deltaValidityMs?: number;
+  /** A full CRL is regenerated at least this often. Default 24 h. */
+  readonly fullEveryMs?: number;
+  /** A delta CRL longer than this makes a new full CRL instead. Default 1000. */
+  readonly deltaMaxEntries?: number;
+  /** Coalescing delay after a 'revoked' event before the delta is regenerated. Default 20 ms. */
+  readonly debounceMs?: number;
+  /** Freshness timer period; 0 disables the timer. Default 60 s. */
+  readonly checkEveryMs?: number;
+  /** How far before its base's thisUpdate a delta still looks for revocations. Default 10 min. */
+  readonly overlapMs?: number;
+  /** Public base URL (http://pki.example.com); full CRLs then carry freshestCRL PUBLIC/crl/CA-delta.crl. Default: the home's publicUrl. */
+  readonly publicUrl?: string;
+  /** Audit actor. Default 'system'. */
+  readonly actor?: string;
+  /** Where background failures go. */
+  readonly logger?: { warn(obj: object, msg: string): void };
+  /** Clock, for tests. */
+  readonly now?: () => Date;
+}
+
+/** What the publisher needs of an Authority (a read-only CLI passes a stand-in whose signingCa refuses). */
+export interface CrlSource {
+  readonly store: Store;
+  readonly directory: CaDirectory;
+  readonly events: EventEmitter;
+  readonly config: { readonly publicUrl?: string };
+  signingCa(name: string): Promise<SigningCa>;
+}
+
+const HOUR = 3_600_000;
+const DAY = 24 * HOUR;
+
+interface CaState {
+  readonly name: string;
+  readonly caId: number;
+  full?: CrlRecord;
+  /** Serials on `full`: a delta lists what is revoked and not on its base. */
+  fullSerials?: ReadonlySet<string>;
+  delta?: CrlRecord;
+  /** Revoked rows the delta query matched when `delta` was made (change detection). */
+  deltaCandidates?: number;
+}
+
+class NumberTaken extends Error {}
+
+const toRecord = (ca: string, row: { ca_id: number; number: number; kind: CrlKind; base_number: number | null; this_update: string; next_update: string; entries: number; der: Buffer | Uint8Array }): CrlRecord => ({
+  ca,
+  caId: row.ca_id,
+  number: Number(row.number),
+  kind: row.kind,
+  baseNumber: row.base_number === null ? null : Number(row.base_number),
+  thisUpdate: new Date(row.this_update),
+  nextUpdate: new Date(row.next_update),
+  entries: Number(row.entries),
+  der: Buffer.from(row.der),
+});
+
+/** Why a CA gets no CRL here, or undefined when it does. */
+export function crlIneligibility(row: CaRow, now = new Date()): HallmarkError | undefined {
+  if (row.role === 'root') return new HallmarkError('NOT_FOUND', `no CRL is published here for the offline root ${row.name}: the root's CRL is made in the root ceremony`);
+  if (row.status !== 'active' || !row.certificate_der || !row.key_ref) return new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} is ${row.status}: only active issuing CAs publish CRLs`);
+  if (row.not_after && new Date(row.not_after) <= now) return new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} has expired`);
+  return undefined;
+}
+
+export class CrlPublisher {
+  readonly #source: CrlSource;
+  readonly #o: Required<Omit<CrlPublisherOptions, 'logger' | 'publicUrl'>> & Pick<CrlPublisherOptions, 'logger' | 'publicUrl'>;
+  readonly #states = new Map<string, CaState>();
+  readonly #locks = new Map<string, Promise<unknown>>();
+  readonly #dirty = new Set<string>();
+  readonly #debounces = new Map<string, NodeJS.Timeout>();
+  #timer: NodeJS.Timeout | undefined;
+  #stopped = false;
+  readonly #onRevoked = (event: RevokedEvent): void => this.#revoked(event);
+
+  constructor(source: CrlSource, options: CrlPublisherOptions = {}) {
+    this.#source = source;
+    this.#o = {
+      fullValidityMs: options.fullValidityMs ?? 7 * DAY,
+      deltaValidityMs: options.deltaValidityMs ?? DAY,
+      fullEveryMs: options.fullEveryMs ?? DAY,
+      deltaMaxEntries: options.deltaMaxEntries ?? 1000,
+      debounceMs: options.debounceMs ?? 20,
+      checkEveryMs: options.checkEveryMs ?? 60_000,
+      overlapMs: options.overlapMs ?? 10 * 60_000,
+      actor: options.actor ?? 'system',
+      now: options.now ?? (() => new Date()),
+      logger: options.logger,
+      publicUrl: (options.publicUrl ?? source.config.publicUrl)?.replace(/\/+$/, ''),
+    };
+    source.events.on('revoked', this.#onRevoked);
+    if (this.#o.checkEveryMs > 0) {
+      this.#timer = setInterval(() => { void this.refreshAll(); }, this.#o.checkEveryMs);
+      this.#timer.unref();
+    }
+  }
+
+  /** The latest CRL of `kind` for CA `caName`, generated first when there is none or it is stale. */
+  async current(caName: string, kind: CrlKind = 'full'): Promise<CrlRecord> {
+    if (this.#stopped) throw new HallmarkError('INTERNAL', 'the CRL publisher has been stopped');
+    return this.#locked(caName, async () => {
+      const state = await this.#state(caName);
+      await this.#freshen(state);
+      return kind === 'full' ? state.full! : state.delta!;
+    });
+  }
+
+  /** Makes a new full CRL (and its delta) now, whatever the schedule says. */
+  async regenerate(caName: string): Promise<{ full: CrlRecord; delta: CrlRecord }> {
+    return this.#locked(caName, async () => {
+      const state = await this.#state(caName);
+      await this.#makeFull(state);
+      await this.#makeDelta(state);
+      return { full: state.full!, delta: state.delta! };
+    });
+  }
+
+  /**
+   * Brings every CA that has CRLs up to date: stale CRLs, revocations and CRLs made by other processes.
+   * Run by the timer; failures are logged, never thrown.
+   */
+  async refreshAll(): Promise<void> {
+    if (this.#stopped) return;
+    try {
+      const cas = await this.#source.store.db.selectFrom('certificate_authorities').selectAll().where('role', '=', 'intermediate').execute();
+      const withCrls = new Set((await this.#source.store.db.selectFrom('crls').select('ca_id').distinct().execute()).map((r) => Number(r.ca_id)));
+      for (const row of cas) {
+        if (this.#stopped) return;
+        if (crlIneligibility(row, this.#o.now()) || (!this.#states.has(row.name) && !withCrls.has(row.id))) continue;
+        await this.#locked(row.name, async () => {
+          const known = this.#states.get(row.name);
+          if (known) await this.#detectChanges(known);
+          await this.#freshen(await this.#state(row.name));
+        }).catch((err: unknown) => this.#o.logger?.warn({ err, ca: row.name }, 'CRL refresh failed'));
+      }
+    } catch (err) {
+      this.#o.logger?.warn({ err }, 'CRL refresh failed');
+    }
+  }
+
+  /** Stops the timer and event listener and waits for CRLs being made. */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer) clearInterval(this.#timer);
+    for (const t of this.#debounces.values()) clearTimeout(t);
+    this.#debounces.clear();
+    this.#source.events.off('revoked', this.#onRevoked);
+    await Promise.allSettled([...this.#locks.values()]);
+  }
+
+  // ------------------------------------------------------------ internals
+
+  #revoked(event: RevokedEvent): void {
+    if (this.#stopped) return;
+    this.#dirty.add(event.issuer);
+    if (this.#debounces.has(event.issuer)) return; // coalesced with the revocations already waiting
+    const t = setTimeout(() => {
+      this.#debounces.delete(event.issuer);
+      if (this.#stopped) return;
+      this.current(event.issuer, 'delta').catch((err: unknown) => this.#o.logger?.warn({ err, ca: event.issuer }, 'delta CRL after revocation failed'));
+    }, this.#o.debounceMs);
+    t.unref();
+    this.#debounces.set(event.issuer, t);
+  }
+
+  /** Runs `fn` after every earlier call for the same CA (one generation at a time per CA). */
+  #locked<T>(caName: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.#locks.get(caName) ?? Promise.resolve();
+    const run = previous.then(fn, fn);
+    const tail = run.catch(() => undefined);
+    this.#locks.set(caName, tail);
+    void tail.then(() => { if (this.#locks.get(caName) === tail) this.#locks.delete(caName); });
+    return run;
+  }
+
+  async #state(caName: string): Promise<CaState> {
+    const row = await this.#source.directory.caRow(caName);
+    const refusal = crlIneligibility(row, this.#o.now());
+    if (refusal) {
+      this.#states.delete(caName);
+      throw refusal;
+    }
+    const known = this.#states.get(caName);
+    if (known && known.caId === row.id) return known;
+    const state: CaState = { name: caName, caId: row.id };
+    const db = this.#source.store.db;
+    const latest = (kind: CrlKind) => db.selectFrom('crls').selectAll().where('ca_id', '=', row.id).where('kind', '=', kind).orderBy('number', 'desc').limit(1).executeTakeFirst();
+    const [full, delta] = await Promise.all([latest('full'), latest('delta')]);
+    if (full) {
+      state.full = toRecord(caName, full);
+      state.fullSerials = new Set(parseCrl(state.full.der).entries.map((e) => e.serialHex));
+    }
+    if (delta && state.full && Number(delta.base_number) === state.full.number) {
+      state.delta = toRecord(caName, delta);
+      // Revocations made while no publisher was watching (another process, a restart) make it stale.
+      const { entries, candidates } = await this.#deltaEntries(state);
+      if (entries.length === state.delta.entries) state.deltaCandidates = candidates;
+      else this.#dirty.add(caName);
+    }
+    this.#states.set(caName, state);
+    return state;
+  }
+
+  /** Marks the delta stale when revocations or newer CRLs appeared behind this process's back. */
+  async #detectChanges(state: CaState): Promise<void> {
+    const db = this.#source.store.db;
+    const newest = await db.selectFrom('crls').select((eb) => eb.fn.max('number').as('n')).where('ca_id', '=', state.caId).executeTakeFirst();
+    const mine = Math.max(state.full?.number ?? 0, state.delta?.number ?? 0);
+    if (newest?.n !== null && newest?.n !== undefined && Number(newest.n) > mine) {
+      this.#states.delete(state.name); // another process made CRLs: reload the latest
+      return;
+    }
+    if (!state.full || !state.delta || state.deltaCandidates === undefined) return;
+    const counted = await db.selectFrom('certificates').select((eb) => eb.fn.countAll().as('n'))
+      .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('revoked_at', '>=', this.#deltaCutoff(state.full)).executeTakeFirstOrThrow();
+    if (Number(counted.n) !== state.deltaCandidates) this.#dirty.add(state.name);
+  }
+
+  async #freshen(state: CaState): Promise<void> {
+    const now = this.#o.now().getTime();
+    const halfGone = (r: CrlRecord): boolean => r.nextUpdate.getTime() - now < (r.nextUpdate.getTime() - r.thisUpdate.getTime()) / 2;
+    const full = state.full;
+    if (!full || now - full.thisUpdate.getTime() >= this.#o.fullEveryMs || halfGone(full)) {
+      await this.#makeFull(state);
+      await this.#makeDelta(state);
+      return;
+    }
+    const delta = state.delta;
+    if (!delta || delta.baseNumber !== full.number || this.#dirty.has(state.name) || halfGone(delta)) await this.#makeDelta(state);
+  }
+
+  #deltaCutoff(full: CrlRecord): string {
+    return nowIso(new Date(full.thisUpdate.getTime() - this.#o.overlapMs));
+  }
+
+  async #deltaEntries(state: CaState): Promise<{ entries: CrlEntry[]; candidates: number }> {
+    const rows = await this.#source.store.db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
+      .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('revoked_at', '>=', this.#deltaCutoff(state.full!))
+      .orderBy('id').execute();
+    const onBase = state.fullSerials ?? new Set<string>();
+    const entries = rows.filter((r) => !onBase.has(r.serial)).map((r) => ({ serialHex: r.serial, revokedAt: new Date(r.revoked_at!), reason: r.revocation_reason }));
+    return { entries, candidates: rows.length };
+  }
+
+  async #makeFull(state: CaState): Promise<void> {
+    const thisUpdate = this.#thisUpdate();
+    // Kept until one full validity period after expiry (see the header comment).
+    const keepExpiredSince = nowIso(new Date(thisUpdate.getTime() - this.#o.fullValidityMs));
+    const rows = await this.#source.store.db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
+      .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('not_after', '>=', keepExpiredSince)
+      .orderBy('id').execute();
+    const entries = rows.map((r) => ({ serialHex: r.serial, revokedAt: new Date(r.revoked_at!), reason: r.revocation_reason }));
+    const freshestCrlUrl = this.#o.publicUrl ? `${this.#o.publicUrl}/crl/${state.name}-delta.crl` : undefined;
+    state.full = await this.#issue(state, 'full', thisUpdate, entries, { freshestCrlUrl });
+    state.fullSerials = new Set(entries.map((e) => e.serialHex));
+    state.delta = undefined;
+    state.deltaCandidates = undefined;
+  }
+
+  async #makeDelta(state: CaState): Promise<void> {
+    this.#dirty.delete(state.name); // before reading: a revocation from now on marks it again
+    const { entries, candidates } = await this.#deltaEntries(state);
+    if (entries.length > this.#o.deltaMaxEntries) {
+      await this.#makeFull(state);
+      return this.#makeDelta(state);
+    }
+    state.delta = await this.#issue(state, 'delta', this.#thisUpdate(), entries, { deltaBase: state.full!.number });
+    state.deltaCandidates = candidates;
+  }
+
+  #thisUpdate(): Date {
+    return new Date(Math.floor(this.#o.now().getTime() / 1000) * 1000);
+  }
+
+  /** Signs and stores one CRL under the next number, with its audit entry, retrying if another writer took the number. */
+  async #issue(state: CaState, kind: CrlKind, thisUpdate: Date, entries: readonly CrlEntry[], extra: { deltaBase?: number; freshestCrlUrl?: string }): Promise<CrlRecord> {
+    const ca = await this.#source.signingCa(state.name);
+    const db = this.#source.store.db;
+    const maxNumber = async (q: typeof db): Promise<number> => {
+      const r = await q.selectFrom('crls').select((eb) => eb.fn.max('number').as('n')).where('ca_id', '=', state.caId).executeTakeFirst();
+      return r?.n === null || r?.n === undefined ? 0 : Number(r.n);
+    };
+    const nextUpdate = new Date(thisUpdate.getTime() + (kind === 'full' ? this.#o.fullValidityMs : this.#o.deltaValidityMs));
+    for (let attempt = 0; ; attempt++) {
+      const last = await maxNumber(db);
+      const number = last + 1;
+      const der = await encodeCrl({
+        issuer: ca.subject, issuerKeyId: ca.keyId, scheme: ca.scheme, thisUpdate, nextUpdate, number,
+        deltaBase: kind === 'delta' ? extra.deltaBase : undefined,
+        freshestCrlUrl: kind === 'full' ? extra.freshestCrlUrl : undefined,
+        entries,
+      }, (tbs) => ca.signer.sign(tbs));
+      try {
+        await this.#source.store.writeTransaction(async (trx) => {
+          if ((await maxNumber(trx as unknown as typeof db)) !== last) throw new NumberTaken();
+          await trx.insertInto('crls').values({
+            ca_id: state.caId, number, kind, base_number: kind === 'delta' ? extra.deltaBase! : null,
+            this_update: nowIso(thisUpdate), next_update: nowIso(nextUpdate), entries: entries.length, der, created_at: nowIso(),
+          }).execute();
+          await appendAudit(trx, [{
+            actor: this.#o.actor, action: 'crl.issue', target: state.name,
+            details: { ca: state.name, number, kind, entries: entries.length, ...(kind === 'delta' ? { baseNumber: extra.deltaBase } : {}) },
+          }]);
+        });
+      } catch (err) {
+        if (err instanceof NumberTaken && attempt < 5) continue;
+        if (err instanceof NumberTaken) throw new HallmarkError('INTERNAL', `could not allocate a CRL number for ${state.name}`);
+        throw err;
+      }
+      return { ca: state.name, caId: state.caId, number, kind, baseNumber: kind === 'delta' ? extra.deltaBase! : null, thisUpdate, nextUpdate, entries: entries.length, der };
+    }
+  }
+}
