@@ -16,9 +16,10 @@ import { encodePem } from '../pki/pem.js';
 import { installErrorHandling } from './errors.js';
 import { registerAdminApi } from './admin-api.js';
 import { registerPublicRoutes } from './public-routes.js';
-import { registerCrlRoutes } from '../protocols/crl/routes.js';
 import { EnrolmentService } from '../enrollment/enrolment.js';
 import { DEFAULT_EST_PER_CLIENT_PER_MINUTE, registerEstRoutes } from '../protocols/est/routes.js';
+import { registerOcspRoutes } from '../protocols/ocsp/routes.js';
+import { registerCrlRoutes } from '../protocols/crl/routes.js';
 
 export interface ServerOptions {
   readonly host: string;
@@ -89,6 +90,7 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
   await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);
+  await registerOcspRoutes(app, authority);
   registerCrlRoutes(app, authority);
   return app;
 }
@@ -97,6 +99,7 @@ export async function buildHttpApp(authority: Authority, logger: Logger): Promis
   const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS }) as unknown as FastifyInstance;
   installErrorHandling(app);
   registerPublicRoutes(app, authority);
+  await registerOcspRoutes(app, authority);
   registerCrlRoutes(app, authority);
   return app;
 }
