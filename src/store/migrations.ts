@@ -227,12 +227,48 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
         // Renewal window per product: re-enrolment is allowed once this share of a certificate's lifetime has passed (0: any time).
         await db.schema.alterTable('products').addColumn('renew_after_percent', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+        // Webhooks: fleet systems subscribe to events (issued, revoked, expiring, quota-exceeded, clone-detected).
+        await db.schema.createTable('webhooks')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('url', 'text', (c) => c.notNull())
+          // The HMAC key the deliveries are signed with (shown once at creation; never logged).
+          .addColumn('secret', 'text', (c) => c.notNull())
+          .addColumn('events', 'text', (c) => c.notNull())
+          .addColumn('created_by', 'text', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('disabled_at', 'text')
+          .execute();
+        await autoId(db, 'webhook_deliveries')
+          .addColumn('webhook_id', 'text', (c) => c.notNull().references('webhooks.id'))
+          // The audit entry the event comes from (events are read from the audit log: durable, ordered, every process).
+          .addColumn('audit_seq', 'integer')
+          .addColumn('event', 'text', (c) => c.notNull())
+          .addColumn('payload', 'text', (c) => c.notNull())
+          .addColumn('status', 'text', (c) => c.notNull().check(sql`status in ('pending', 'delivered', 'failed')`))
+          .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('next_attempt_at', 'text', (c) => c.notNull())
+          .addColumn('last_status', 'integer')
+          .addColumn('last_error', 'text')
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('delivered_at', 'text')
+          .execute();
+        await db.schema.createIndex('webhook_deliveries_due').on('webhook_deliveries').columns(['status', 'next_attempt_at']).execute();
+        await db.schema.createIndex('webhook_deliveries_hook').on('webhook_deliveries').columns(['webhook_id', 'id']).execute();
+        // Cursors of background readers (the webhook dispatcher's position in the audit log, expiry notices sent).
+        await db.schema.createTable('cursors')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('value', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'text', (c) => c.notNull())
+          .execute();
         // CRL and OCSP read the revoked certificates of one issuer.
         await db.schema.createIndex('certificates_issuer_status').on('certificates').columns(['issuer_id', 'status', 'revoked_at']).execute();
       },
       async down(db: Kysely<unknown>) {
         await db.schema.dropIndex('certificates_issuer_status').execute();
         await db.schema.dropTable('crls').execute();
+        await db.schema.dropTable('cursors').execute();
+        await db.schema.dropTable('webhook_deliveries').execute();
+        await db.schema.dropTable('webhooks').execute();
         await db.schema.alterTable('products').dropColumn('renew_after_percent').execute();
       },
     },

@@ -176,6 +176,34 @@ export interface CrlsTable {
   created_at: string;
 }
 
+export interface WebhooksTable {
+  id: string;
+  url: string;
+  secret: string;
+  /** Space-separated event names. */
+  events: string;
+  created_by: string;
+  created_at: string;
+  disabled_at: string | null;
+}
+
+export interface WebhookDeliveriesTable {
+  id: Generated<number>;
+  webhook_id: string;
+  audit_seq: number | null;
+  event: string;
+  payload: string;
+  status: 'pending' | 'delivered' | 'failed';
+  attempts: Generated<number>;
+  next_attempt_at: string;
+  last_status: number | null;
+  last_error: string | null;
+  created_at: string;
+  delivered_at: string | null;
+}
+
+export interface CursorsTable { name: string; value: string; updated_at: string }
+
 export interface ClaimUsesTable { claim_id: string; udid: string; at: string }
 
 export interface Database {
@@ -194,6 +222,9 @@ export interface Database {
   claim_uses: ClaimUsesTable;
   enrolment_approvals: EnrolmentApprovalsTable;
   crls: CrlsTable;
+  webhooks: WebhooksTable;
+  webhook_deliveries: WebhookDeliveriesTable;
+  cursors: CursorsTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;
