@@ -10,7 +10,7 @@ import { crlShowCommand } from './commands/crl.js';
 import { serveCommand } from './commands/serve.js';
 import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
 import { UsageError, parse, type Command } from './io.js';
-import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListCommand, productCreateCommand, productListCommand } from './commands/registry.js';
+import { batchCreateCommand, batchListCommand, lineCreateCommand, lineListCommand, lineMoveCommand, productCreateCommand, productListCommand } from './commands/registry.js';
 import { deviceDecommissionCommand, deviceListCommand, deviceRegisterCommand, deviceResumeCommand, deviceShowCommand, deviceSuspendCommand, deviceTransferCommand } from './commands/device.js';
 import { vendorAddCommand, vendorListCommand } from './commands/vendor.js';
 import { manifestImportCommand, manifestSignCommand } from './commands/manifest.js';
@@ -22,7 +22,7 @@ import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
   issueCommand, tokenCreateCommand, tokenListCommand, tokenRevokeCommand, auditVerifyCommand, auditListCommand, serveCommand,
-  productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, batchCreateCommand, batchListCommand,
+  productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, lineMoveCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,

@@ -1,6 +1,7 @@
 import { HallmarkError } from '../../errors.js';
 import { parseDuration } from '../../authority/tokens.js';
 import { Registry } from '../../registry/registry.js';
+import { moveToLine } from '../../registry/line-move.js';
 import { withAuthority, withStoreOnly } from '../context.js';
 import { actor, flag, info, intOption, out, required, str, table, type Command } from '../io.js';
 
@@ -90,6 +91,25 @@ Every line should have its own issuing CA, so that one line can be revoked as a 
       await authority.registry.createLine({ name, ca: caName, actor: actor() });
       out(`Created line ${name}; its CA ${caName} waits for the root ceremony.`);
       info(`Next, offline: hallmark root sign --root-dir DIR --csr ${path} --out ${caName}.pem\nthen: hallmark ca install --cert ${caName}.pem`);
+      return 0;
+    });
+  },
+};
+
+export const lineMoveCommand: Command = {
+  name: 'line move',
+  summary: "move a line's batches and devices to another line (after a line CA compromise)",
+  usage: `Usage: hallmark line move --from NAME --to NAME [--batch ID] [--home DIR]
+
+The devices keep their hardware identity and UDID; their next enrolment is issued by the new line's CA.
+See docs/operations.md, "Line compromise drill".`,
+  options: { from: { type: 'string' }, to: { type: 'string' }, batch: { type: 'string' } },
+  async run(args) {
+    const from = required(args, 'from', this.usage);
+    const to = required(args, 'to', this.usage);
+    return withStoreOnly(args, async (ctx) => {
+      const moved = await moveToLine(ctx.store, { from, to, batch: str(args, 'batch'), actor: actor() });
+      out(`Moved ${moved.batches.length} batch(es) and ${moved.devices} device(s) from line ${from} to line ${to}`);
       return 0;
     });
   },
