@@ -295,6 +295,40 @@ export async function reenrol(options: ReenrolOptions): Promise<EnrolmentInfo> {
 /** Alias with the spelling the CLI uses. */
 export const reenroll = reenrol;
 
+/** Default renewal point when the product's own window is unknown to the device: two thirds of the lifetime. */
+export const DEFAULT_RENEW_AFTER_PERCENT = 66;
+
+/** When the current certificate becomes due for renewal (its notBefore + `percent` % of its lifetime). */
+export function renewalDueAt(cert: X509Certificate, percent = DEFAULT_RENEW_AFTER_PERCENT): Date {
+  const from = new Date(cert.validFrom).getTime();
+  const to = new Date(cert.validTo).getTime();
+  return new Date(from + ((to - from) * percent) / 100);
+}
+
+export type RenewOutcome = { readonly renewed: true; readonly info: EnrolmentInfo } | { readonly renewed: false; readonly dueAt: Date; readonly reason: string };
+
+/**
+ * Renews only inside the renewal window: not before `renewAfterPercent` of the current certificate's
+ * lifetime (the device's own guess), and not before the server's window (a RENEWAL_NOT_DUE answer carries
+ * Retry-After, which becomes the next due time). What `hallmark agent reenroll --if-due` and a device's
+ * renewal loop call.
+ */
+export async function renewIfDue(options: ReenrolOptions & { readonly renewAfterPercent?: number; readonly now?: Date }): Promise<RenewOutcome> {
+  const state = await readState(options.stateDir);
+  const now = options.now ?? new Date();
+  const dueAt = renewalDueAt(state.cert, options.renewAfterPercent);
+  if (now < dueAt) return { renewed: false, dueAt, reason: `not due before ${dueAt.toISOString()} (${options.renewAfterPercent ?? DEFAULT_RENEW_AFTER_PERCENT} % of the lifetime)` };
+  try {
+    return { renewed: true, info: await reenrol(options) };
+  } catch (err) {
+    if (err instanceof EstClientError && err.code === 'RENEWAL_NOT_DUE') {
+      const wait = err.retryAfterSeconds ?? 3600;
+      return { renewed: false, dueAt: new Date(now.getTime() + wait * 1000), reason: `the server's renewal window opens in ${wait} s` };
+    }
+    throw err;
+  }
+}
+
 function pemText(input: string | Buffer, what: string): string {
   const text = Buffer.isBuffer(input) ? input.toString('utf8') : input;
   const blocks = decodePemBlocks(text, SIZE_LIMITS.chain);

@@ -9,7 +9,7 @@ import { generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { enrol, reenrol, verifyCaCertificates, type EnrolmentInfo } from '../../src/agent/agent.js';
+import { enrol, reenrol, renewIfDue, verifyCaCertificates, type EnrolmentInfo } from '../../src/agent/agent.js';
 import { challengePasswordAttribute, openDeviceKey, type DeviceKey } from '../../src/agent/device-key.js';
 import { EstClient, EstClientError } from '../../src/agent/est-client.js';
 import { Authority } from '../../src/authority/authority.js';
@@ -208,6 +208,28 @@ describe('device agent (EST client) against a running server', () => {
     await assert.rejects(reenrol({ server: server(), trust: rootPem, key, stateDir }), (e: unknown) => e instanceof EstClientError && e.code === 'EST_BAD_OPTIONS');
     const third = await reenrol({ server: server(), trust: rootPem, key: fresh, stateDir });
     assert.equal(third.udid, first.udid);
+  });
+
+  test('renewIfDue: nothing before the window (device side, then server side); renews inside it', async () => {
+    await authority.registry.createProduct({ name: 'windowed', validityDays: 10, renewAfterPercent: 50, actor: 'test' });
+    const windowedBatch = await authority.registry.createBatch({ product: 'windowed', line: 'line-a', quota: 10, allowUnregistered: true, actor: 'test' });
+    const { key } = await newKey('windowed');
+    const stateDir = join(tmp.path, 'state-windowed');
+    const first = await enrol({ server: server(), trust: rootPem, key, claim: await claim(windowedBatch), stateDir });
+    // The device's own threshold (66 %) is not reached: no request is made.
+    const early = await renewIfDue({ server: server(), trust: rootPem, key, stateDir });
+    assert.equal(early.renewed, false);
+    assert.ok(!early.renewed && early.dueAt > new Date(Date.now() + 6 * 86400e3));
+    // A device that thinks it is due (threshold 0) is told by the server when the window opens (50 %).
+    const told = await renewIfDue({ server: server(), trust: rootPem, key, stateDir, renewAfterPercent: 0 });
+    assert.equal(told.renewed, false);
+    assert.ok(!told.renewed && Math.abs(told.dueAt.getTime() - (Date.parse(first.notBefore) + 5 * 86400e3)) < 120e3, !told.renewed ? told.reason : '');
+    // Seven days on (the certificate's recorded validity moved back), both agree: renewed.
+    await authority.store.db.updateTable('certificates').set({ not_before: new Date(Date.now() - 7 * 86400e3).toISOString(), not_after: new Date(Date.now() + 3 * 86400e3).toISOString() })
+      .where('serial', '=', first.serial.toLowerCase().replace(/^0+/, '')).execute();
+    const late = await renewIfDue({ server: server(), trust: rootPem, key, stateDir, now: new Date(Date.now() + 7 * 86400e3) });
+    assert.equal(late.renewed, true);
+    assert.notEqual(late.renewed && late.info.serial, first.serial);
   });
 
   for (const version of ['TLSv1.2', 'TLSv1.3'] as const) {

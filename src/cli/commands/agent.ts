@@ -4,7 +4,7 @@
 // printed or logged.
 
 import { readFileSync } from 'node:fs';
-import { reenrol, enrol, type EnrolmentInfo } from '../../agent/agent.js';
+import { reenrol, enrol, renewIfDue, type EnrolmentInfo } from '../../agent/agent.js';
 import { openDeviceKey, type DeviceKey } from '../../agent/device-key.js';
 import { EstClientError } from '../../agent/est-client.js';
 import { HallmarkError } from '../../errors.js';
@@ -149,6 +149,7 @@ export const agentReenrollCommand: Command = {
   name: 'agent reenroll',
   summary: 'device side: renew the certificate over EST with the current one (optionally with a new key)',
   usage: `Usage: hallmark agent reenroll --server URL --trust ROOT.pem --key FILE|pkcs11:URI --out DIR [--new-key FILE|pkcs11:URI]
+                              [--if-due [--renew-after 66%]]
 
 Authenticates with DIR/cert.pem (+ DIR/chain.pem) and --key over TLS, asks for a new certificate for
 the same key — or for --new-key (rekey; the product must allow it) — checks it like enroll does and
@@ -156,8 +157,10 @@ replaces DIR/cert.pem and DIR/chain.pem. Neither key is written.
   ${KEY_HELP}
   --new-key FILE|URI       rekey: the new certificate is for this key (same forms as --key)
   ${COMMON}
-  --out DIR                the state directory of the earlier enrolment`,
-  options: { ...common, 'new-key': { type: 'string' } },
+  --out DIR                the state directory of the earlier enrolment
+  --if-due                 renew only inside the renewal window: after --renew-after of the lifetime
+                           (default 66%) and when the server agrees; otherwise print when, exit 0`,
+  options: { ...common, 'new-key': { type: 'string' }, 'if-due': { type: 'boolean' }, 'renew-after': { type: 'string' } },
   async run(args) {
     const usage = this.usage;
     return guarded(this.name, async () => {
@@ -169,6 +172,16 @@ replaces DIR/cert.pem and DIR/chain.pem. Neither key is written.
       try {
         const newSpec = str(args, 'new-key');
         if (newSpec !== undefined) newKey = await openKey(args, newSpec);
+        if (flag(args, 'if-due')) {
+          const text = str(args, 'renew-after');
+          const m = text === undefined ? undefined : /^(\d{1,2})%?$/.exec(text.trim());
+          if (text !== undefined && !m) throw new EstClientError('EST_BAD_OPTIONS', `--renew-after must be a percentage 0-99: ${JSON.stringify(text)}`);
+          const outcome = await renewIfDue({ ...server, key, stateDir, newKey, renewAfterPercent: m ? Number(m[1]) : undefined });
+          if (outcome.renewed) report(outcome.info, flag(args, 'json'), 'Re-enrolled');
+          else if (flag(args, 'json')) process.stdout.write(`${JSON.stringify({ renewed: false, dueAt: outcome.dueAt.toISOString(), reason: outcome.reason })}\n`);
+          else process.stdout.write(`Not renewed: ${outcome.reason}\n`);
+          return 0;
+        }
         const result = await reenrol({ ...server, key, stateDir, newKey });
         report(result, flag(args, 'json'), 'Re-enrolled');
         return 0;
