@@ -65,6 +65,9 @@ export interface IssuedCertificate {
   readonly chain: readonly Buffer[];
 }
 
+/** How often a loaded issuing CA's status is looked at again. */
+const ISSUER_RECHECK_MS = 5000;
+
 export interface DeviceIssueRequest {
   readonly udid: string;
   /** PEM, base64 or DER PKCS#10, or an already parsed CSR. */
@@ -107,6 +110,7 @@ export class Authority {
   readonly #deviceCommits: GroupCommitter;
   readonly #announced = new AnnouncedRevocations();
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
+  readonly #issuerChecked = new Map<string, number>();
 
   private constructor(home: string, config: HomeConfig, store: Store, fileKeys: FileKeyBackend, caKeys: KeyBackend) {
     this.home = home;
@@ -154,7 +158,19 @@ export class Authority {
 
   async #issuer(name: string): Promise<LoadedIssuer> {
     let p = this.#issuers.get(name);
+    // A loaded CA may since have been revoked or retired (by the root ceremony, in another process):
+    // its status is looked at again every few seconds, so a running server stops issuing from it.
+    const checked = this.#issuerChecked.get(name) ?? 0;
+    if (p && Date.now() - checked > ISSUER_RECHECK_MS) {
+      this.#issuerChecked.set(name, Date.now());
+      const row = await this.store.db.selectFrom('certificate_authorities').select('status').where('name', '=', name).executeTakeFirst();
+      if (row?.status !== 'active') {
+        this.#issuers.delete(name);
+        p = undefined;
+      }
+    }
     if (!p) {
+      this.#issuerChecked.set(name, Date.now());
       p = (async () => {
         const row = await this.#caRow(name);
         if (row.role === 'root' || !row.key_ref) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${name} is the offline root: it signs only through the root ceremony`);
@@ -452,7 +468,8 @@ export class Authority {
     const ski = keyIdentifier(cert.subjectPublicKeyInfo).toString('hex');
     const pending = await this.store.db.selectFrom('certificate_authorities').selectAll().where('ski', '=', ski).where('status', '=', 'pending').executeTakeFirst();
     if (!pending) throw new HallmarkError('CA_CERT_MISMATCH', 'no pending CA request has this certificate\'s key (run hallmark ca request first)');
-    const rootName = await this.rootName();
+    // Either root during a rollover: the one whose name and key signed this certificate.
+    const rootName = await this.directory.issuingRootOf(cert);
     const [rootDer] = await this.caChain(rootName, false);
     const root = parseCertificate(rootDer!);
     verifyIssuedBy(cert, root);

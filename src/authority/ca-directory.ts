@@ -2,6 +2,8 @@
 
 import { HallmarkError } from '../errors.js';
 import type { KeyRef } from '../keys/key-backend.js';
+import { parseCertificate, type ParsedCertificate } from '../pki/certificate.js';
+import { verifyIssuedBy } from '../pki/verify.js';
 import type { Store } from '../store/database.js';
 import type { CaRow, CaStatus } from '../store/schema.js';
 import type { HomeConfig } from './home.js';
@@ -85,5 +87,60 @@ export class CaDirectory {
     const row = await this.store.db.selectFrom('certificate_authorities').select('name').where('role', '=', 'root').where('status', '=', 'active').orderBy('id', 'desc').executeTakeFirst();
     if (!row) throw new HallmarkError('CA_NOT_FOUND', 'no active root CA');
     return row.name;
+  }
+
+  /** The active roots, current (newest) first: more than one during a root rollover. */
+  async activeRoots(): Promise<CaRow[]> {
+    const rows = await this.store.db.selectFrom('certificate_authorities').selectAll().where('role', '=', 'root').where('status', '=', 'active').orderBy('id', 'desc').execute();
+    return rows.filter((r) => r.certificate_der);
+  }
+
+  /**
+   * The name of the active root that issued `cert` (its subject is the certificate's issuer and its key
+   * verifies the signature): during a rollover an intermediate may come from the old or the new root.
+   * Throws CA_CERT_MISMATCH when no active root signed it.
+   */
+  async issuingRootOf(cert: ParsedCertificate | Buffer): Promise<string> {
+    const parsed = Buffer.isBuffer(cert) ? parseCertificate(cert) : cert;
+    let nameMatched = false;
+    for (const row of await this.activeRoots()) {
+      const root = parseCertificate(Buffer.from(row.certificate_der!));
+      if (!root.subject.equals(parsed.issuer)) continue;
+      nameMatched = true;
+      try {
+        verifyIssuedBy(parsed, root);
+        return row.name;
+      } catch {
+        // another root generation may share the name (it should not) — keep looking
+      }
+    }
+    throw new HallmarkError('CA_CERT_MISMATCH', nameMatched ? 'the certificate signature does not verify with the key of the active root that has its issuer name' : 'the certificate was not issued by an active root CA (issuer name differs)');
+  }
+
+  /**
+   * The root certificates to distribute during a rollover (RFC 7030 §4.1.3, RFC 4210 §4.4): the current
+   * root (NewWithNew), then for each older active root NewWithOld, OldWithNew and the older root itself
+   * (OldWithOld). The link certificates are the certificates rows of profile 'root' (recorded by
+   * `hallmark root install-rollover`). Without a rollover: the root alone.
+   */
+  async rootCertificates(): Promise<Buffer[]> {
+    const roots = await this.activeRoots();
+    if (roots.length === 0) throw new HallmarkError('CA_NOT_FOUND', 'no active root CA');
+    const out: Buffer[] = [Buffer.from(roots[0]!.certificate_der!)];
+    if (roots.length === 1) return out;
+    const ids = roots.map((r) => r.id);
+    const links = (await this.store.db.selectFrom('certificates').select(['issuer_id', 'der']).where('profile', '=', 'root').where('status', '=', 'valid').where('issuer_id', 'in', ids).orderBy('id').execute())
+      .map((l) => ({ issuerId: l.issuer_id, cert: parseCertificate(Buffer.from(l.der)) }));
+    const parsed = new Map(roots.map((r) => [r.id, parseCertificate(Buffer.from(r.certificate_der!))]));
+    for (let i = 1; i < roots.length; i++) {
+      const newer = parsed.get(roots[i - 1]!.id)!;
+      const older = parsed.get(roots[i]!.id)!;
+      const newWithOld = links.find((l) => l.issuerId === roots[i]!.id && l.cert.subject.equals(newer.subject) && l.cert.subjectPublicKeyInfo.equals(newer.subjectPublicKeyInfo));
+      const oldWithNew = links.find((l) => l.issuerId === roots[i - 1]!.id && l.cert.subject.equals(older.subject) && l.cert.subjectPublicKeyInfo.equals(older.subjectPublicKeyInfo));
+      if (newWithOld) out.push(newWithOld.cert.der);
+      if (oldWithNew) out.push(oldWithNew.cert.der);
+      out.push(older.der);
+    }
+    return out;
   }
 }

@@ -5,7 +5,7 @@ import { auditListCommand, auditVerifyCommand } from './commands/audit.js';
 import { caExportCommand, caInstallCommand, caListCommand, caRequestCommand } from './commands/ca.js';
 import { initCommand } from './commands/init.js';
 import { issueCommand } from './commands/issue.js';
-import { rootSignCommand } from './commands/root.js';
+import { rootCrlCommand, rootInstallCrlCommand, rootInstallRolloverCommand, rootRevokeCommand, rootRolloverCommand, rootSignCommand } from './commands/root.js';
 import { crlShowCommand } from './commands/crl.js';
 import { serveCommand } from './commands/serve.js';
 import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
@@ -21,6 +21,7 @@ import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
+  rootRolloverCommand, rootInstallRolloverCommand, rootRevokeCommand, rootCrlCommand, rootInstallCrlCommand,
   issueCommand, tokenCreateCommand, tokenListCommand, tokenRevokeCommand, auditVerifyCommand, auditListCommand, serveCommand,
   productCreateCommand, productListCommand, lineCreateCommand, lineListCommand, lineMoveCommand, batchCreateCommand, batchListCommand,
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,

@@ -1,7 +1,10 @@
 // Registry routes of the admin API: products, lines, batches, devices, vendors, device issuance.
 // Parse and render only: the Registry and the Authority decide.
 
+import { createWriteStream } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
@@ -17,6 +20,20 @@ import type { DeviceState } from '../store/schema.js';
 
 /** A manifest travels in one request body: 64 MiB (about 400,000 Microchip entries); larger ones go through the CLI. */
 export const MANIFEST_BODY_LIMIT = 64 * 1024 * 1024;
+/** A streamed manifest upload (the body is the file) is written to disk as it arrives, never held in memory: 8 GiB. */
+export const MANIFEST_UPLOAD_LIMIT = 8 * 1024 * 1024 * 1024;
+/** Content types of a streamed manifest upload (a Microchip manifest is JSON, but goes as octet-stream here). */
+export const MANIFEST_UPLOAD_TYPES = ['application/octet-stream', 'text/csv', 'application/x-ndjson'];
+
+/** A header of base64 values, comma-separated or repeated ("a, b" once Node has joined repeats). */
+function base64Header(request: FastifyRequest, header: string): Buffer[] {
+  const raw = request.headers[header];
+  const values = (Array.isArray(raw) ? raw : raw === undefined ? [] : [raw]).flatMap((v) => v.split(',')).map((v) => v.trim()).filter(Boolean);
+  return values.map((v, i) => {
+    if (!/^[A-Za-z0-9+/_-]+={0,2}$/.test(v)) throw new HallmarkError('BAD_REQUEST', `${header} value ${i + 1} is not base64`);
+    return Buffer.from(v, 'base64');
+  });
+}
 
 const err = { type: 'object', properties: { error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' } } } } } as const;
 const errors = { 400: err, 401: err, 403: err, 404: err, 409: err, 413: err, 500: err, 503: err };
@@ -179,6 +196,63 @@ export function registerRegistryApi(app: FastifyInstance, authority: Authority):
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  // Streamed manifest upload: the request body is the manifest file itself (no size limit but
+  // MANIFEST_UPLOAD_LIMIT), written to a private temporary file as it arrives, then imported exactly as
+  // from the CLI (which streams it again, in flat memory). The signers and the detached signature travel
+  // in headers; the body is read only after the token has been checked (preHandler), since the
+  // content-type parser below hands the stream on without reading it.
+  void app.register(async (scope) => {
+    scope.addContentTypeParser(MANIFEST_UPLOAD_TYPES, (_request, payload, done) => done(null, payload));
+    scope.post<{ Params: { id: string }; Querystring: { format?: ManifestFormat; skipInvalid?: boolean; ignoreBirthCertificates?: boolean } }>('/api/v1/batches/:id/manifests/upload', {
+      config: write,
+      schema: {
+        summary: 'Import a signed chip manifest sent as the raw request body (any size; streamed to disk, never buffered)', tags: ['registry'],
+        description: 'Body: the manifest file (Content-Type application/octet-stream, text/csv or application/x-ndjson). Headers: Hallmark-Trust, the base64 of each '
+          + 'signer PEM (certificate or public key), comma-separated or repeated; Hallmark-Signature, the base64 detached signature of a CSV / NDJSON list.',
+        params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] },
+        querystring: { type: 'object', additionalProperties: false, properties: { format: { type: 'string', enum: [...MANIFEST_FORMATS] }, skipInvalid: { type: 'boolean' }, ignoreBirthCertificates: { type: 'boolean' } } },
+        response: { 201: anyObject, 200: anyObject, ...errors },
+      },
+    }, async (request, reply) => {
+      const body = request.body as NodeJS.ReadableStream | undefined;
+      if (!body || typeof (body as { pipe?: unknown }).pipe !== 'function') {
+        throw new HallmarkError('BAD_REQUEST', `send the manifest itself as the body, with Content-Type ${MANIFEST_UPLOAD_TYPES.join(', ')} (or use POST /api/v1/batches/{id}/manifests with a JSON body)`);
+      }
+      const trust = base64Header(request, 'hallmark-trust');
+      if (trust.length === 0 || trust.length > 16) throw new HallmarkError('BAD_REQUEST', 'give 1 to 16 manifest signers in the Hallmark-Trust header: the base64 of each PEM certificate or public key');
+      const signers = trust.flatMap((pem, i) => loadSigners(pem, `Hallmark-Trust ${i + 1}`));
+      const signature = base64Header(request, 'hallmark-signature');
+      if (signature.length > 1 || (signature[0] && signature[0].length > 4096)) throw new HallmarkError('BAD_REQUEST', 'Hallmark-Signature is one base64 detached signature');
+      const dir = await mkdtemp(join(tmpdir(), 'hallmark-manifest-'));
+      try {
+        const file = join(dir, 'manifest');
+        let received = 0;
+        const limit = new Transform({
+          transform(chunk: Buffer, _encoding, callback) {
+            received += chunk.length;
+            if (received > MANIFEST_UPLOAD_LIMIT) callback(new HallmarkError('INPUT_TOO_LARGE', `the manifest is larger than ${MANIFEST_UPLOAD_LIMIT / 1024 ** 3} GiB`));
+            else callback(null, chunk);
+          },
+        });
+        await pipeline(body, limit, createWriteStream(file, { mode: 0o600 }));
+        if (received === 0) throw new HallmarkError('MANIFEST_INVALID', 'the request body (the manifest) is empty');
+        let signatureFile: string | undefined;
+        if (signature[0]) {
+          signatureFile = join(dir, 'manifest.sig');
+          await writeFile(signatureFile, signature[0], { mode: 0o600 });
+        }
+        const q = request.query;
+        const report = await importManifest(authority.store, {
+          file, batch: request.params.id, signers, format: q.format, signatureFile, skipInvalid: q.skipInvalid,
+          ignoreBirthCertificates: q.ignoreBirthCertificates, actor: actorOf(request),
+        });
+        return reply.status(report.registered + report.reRegistered > 0 ? 201 : 200).send({ ...report, file: undefined });
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
+    });
   });
 
   app.get('/api/v1/vendors', { config: read, schema: { summary: 'The vendor trust store for birth certificates', tags: ['registry'], response: { 200: listOf(anyObject), ...errors } } },

@@ -28,12 +28,15 @@ export class Store {
   readonly #description: string;
   /** The better-sqlite3 handle (SQLite only), to take the write lock without blocking the event loop. */
   readonly #sqlite: BetterSqlite3.Database | undefined;
+  /** The pg pool Kysely runs on (PostgreSQL only), for named statements (preparedRead). */
+  readonly #pool: pg.Pool | undefined;
 
-  private constructor(db: Db, dialect: Dialect, description: string, sqlite?: BetterSqlite3.Database) {
+  private constructor(db: Db, dialect: Dialect, description: string, sqlite?: BetterSqlite3.Database, pool?: pg.Pool) {
     this.db = db;
     this.dialect = dialect;
     this.#description = description;
     this.#sqlite = sqlite;
+    this.#pool = pool;
   }
 
   /** Opens the database, checks that it answers, and brings its schema up to date. */
@@ -43,7 +46,7 @@ export class Store {
     if (/^postgres(ql)?:\/\//.test(url)) {
       const pool = new pg.Pool({ connectionString: url, max: 8, connectionTimeoutMillis: 5000 });
       pool.on('error', () => { /* idle client errors surface on the next query */ });
-      store = new Store(new Kysely<Database>({ dialect: new PostgresDialect({ pool }) }), 'postgres', redactUrl(url));
+      store = new Store(new Kysely<Database>({ dialect: new PostgresDialect({ pool }) }), 'postgres', redactUrl(url), undefined, pool);
     } else {
       let sqlite: BetterSqlite3.Database;
       try {
@@ -124,6 +127,19 @@ export class Store {
       }
       await new Promise((resolve) => setTimeout(resolve, delay));
     }
+  }
+
+  /**
+   * PostgreSQL: a read outside any transaction, as a named statement on the pool. Each connection
+   * parses and plans it once and then only binds and executes it: a planned three-table join costs the
+   * server ~0.1-1 ms of planning per call otherwise, more than the read itself (and Kysely's builder
+   * ~30 µs of event-loop time). `name` must always be given with the same `text`. Results are the
+   * pool's rows, typed as Kysely would return them (the same pool and type parsers).
+   */
+  async preparedRead<R>(name: string, text: string, values: readonly unknown[]): Promise<R[]> {
+    if (!this.#pool) throw new Error('Store.preparedRead is for PostgreSQL stores');
+    const result = await this.#pool.query<R & pg.QueryResultRow>({ name, text, values: values as unknown[] });
+    return result.rows;
   }
 
   async close(): Promise<void> {

@@ -1,7 +1,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Authority } from '../../src/authority/authority.js';
@@ -150,8 +150,62 @@ describe('registry admin API', () => {
     for (const d of listed.items) assert.match(d.udid, /^01[0-9a-f]{16}$/, 'UDIDs are the chips\' uniqueIds');
   });
 
+  test('a manifest streamed as the raw body (octet-stream, text/csv) imports like the JSON route; a bad one stores nothing', async () => {
+    const vectors = join(import.meta.dirname, '..', '..', '..', 'test', 'registry', 'manifests', 'vectors', 'microchip');
+    // Other chips than the JSON route's test imported (those would now be clones).
+    const manifest = readFileSync(join(vectors, 'pytrustplatform', 'manifest_ATECC608A-MAH4I.json'));
+    const signerPem = readFileSync(join(vectors, 'mchp_verifiers', 'MCHP_manifest_signer_2_Aug-15-2019_Aug-15-2020.crt'));
+    const upload = (batch: string, body: Buffer, headers: Record<string, string>, query = '', token = admin) =>
+      call(`${base}/batches/${batch}/manifests/upload${query}`, { ca, token, method: 'POST', rawBody: body, headers });
+    const devicesOf = async (batch: string) => (JSON.parse((await get(`/devices?batch=${batch}`)).body) as { items: { udid: string }[] }).items;
+
+    // Microchip, as application/octet-stream, the signer in Hallmark-Trust.
+    const mchp = JSON.parse((await post('/batches', { product: 'thermostat', line: 'line-1', quota: 10 })).body) as { id: string };
+    const trust = { 'content-type': 'application/octet-stream', 'hallmark-trust': signerPem.toString('base64') };
+    const first = await upload(mchp.id, manifest, trust, '?ignoreBirthCertificates=true');
+    assert.equal(first.status, 201, first.body);
+    assert.deepEqual([JSON.parse(first.body).format, JSON.parse(first.body).registered], ['microchip', 2]);
+    const again = await upload(mchp.id, manifest, trust, '?ignoreBirthCertificates=true');
+    assert.equal(again.status, 200, again.body);
+    assert.equal(JSON.parse(again.body).unchanged, 2);
+    assert.equal((await devicesOf(mchp.id)).length, 2);
+
+    // A signed CSV list as text/csv, its detached signature in Hallmark-Signature.
+    const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const keys = Array.from({ length: 3 }, () => generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'der' }));
+    const csv = Buffer.from(`udid,public_key,serial\n${keys.map((k, i) => `,${k.toString('base64')},UP-${i}`).join('\n')}\n`);
+    const listHeaders = (body: Buffer) => ({
+      'content-type': 'text/csv', 'hallmark-trust': Buffer.from(publicKey.export({ type: 'spki', format: 'pem' }) as string).toString('base64'),
+      'hallmark-signature': sign('sha256', body, privateKey).toString('base64'),
+    });
+    const list = JSON.parse((await post('/batches', { product: 'thermostat', line: 'line-1', quota: 10 })).body) as { id: string };
+    const tampered = Buffer.from(csv.toString().replace('UP-1', 'UP-9'));
+    const refused = await upload(list.id, tampered, listHeaders(csv));
+    assert.equal(refused.status, 400, refused.body);
+    assert.equal(JSON.parse(refused.body).error.code, 'MANIFEST_INVALID');
+    assert.equal((await devicesOf(list.id)).length, 0, 'nothing stored');
+    const imported = await upload(list.id, csv, listHeaders(csv));
+    assert.equal(imported.status, 201, imported.body);
+    assert.deepEqual([JSON.parse(imported.body).format, JSON.parse(imported.body).registered], ['csv', 3]);
+    assert.equal((await devicesOf(list.id)).length, 3);
+
+    // Refusals: no signer, a JSON body, no token, a body that is empty.
+    const noTrust = await upload(list.id, csv, { 'content-type': 'text/csv' });
+    assert.equal(noTrust.status, 400);
+    assert.match(JSON.parse(noTrust.body).error.message, /Hallmark-Trust/);
+    const json = await upload(list.id, Buffer.from('{"manifest":"x"}'), { 'content-type': 'application/json', 'hallmark-trust': signerPem.toString('base64') });
+    assert.equal(json.status, 400);
+    assert.match(JSON.parse(json.body).error.message, /Content-Type/);
+    assert.equal((await upload(list.id, csv, listHeaders(csv), '', '')).status, 401);
+    assert.equal((await upload(list.id, csv, listHeaders(csv), '', reader)).status, 403);
+    const empty = await upload(list.id, Buffer.alloc(0), trust);
+    assert.equal(empty.status, 400);
+    assert.equal(JSON.parse(empty.body).error.code, 'MANIFEST_INVALID');
+    assert.equal((await devicesOf(list.id)).length, 3);
+  });
+
   test('the OpenAPI document lists the registry routes', async () => {
     const doc = JSON.parse((await call(`${base}/openapi.json`, { ca })).body) as { paths: Record<string, unknown> };
-    for (const p of ['/api/v1/products', '/api/v1/lines', '/api/v1/batches', '/api/v1/devices', '/api/v1/devices/{udid}/certificates', '/api/v1/vendors', '/api/v1/batches/{id}/manifests']) assert.ok(doc.paths[p], p);
+    for (const p of ['/api/v1/products', '/api/v1/lines', '/api/v1/batches', '/api/v1/devices', '/api/v1/devices/{udid}/certificates', '/api/v1/vendors', '/api/v1/batches/{id}/manifests', '/api/v1/batches/{id}/manifests/upload']) assert.ok(doc.paths[p], p);
   });
 });

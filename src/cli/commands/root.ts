@@ -1,8 +1,13 @@
 import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { HallmarkError } from '../../errors.js';
-import { OfflineRoot } from '../../authority/offline-root.js';
+import { resolveHome } from '../../authority/home.js';
+import { OfflineRoot, parseValidity } from '../../authority/offline-root.js';
+import { parseRevocationReason } from '../../authority/revocation.js';
+import { installRootCrl, installRootRollover } from '../../authority/root-rollover.js';
 import { encodePem } from '../../pki/pem.js';
-import { info, intOption, list, out, readPassphrase, required, str, type Command } from '../io.js';
+import { withAuthority, withStoreOnly } from '../context.js';
+import { UsageError, actor, info, intOption, list, out, readPassphrase, required, str, type Command } from '../io.js';
 
 export const rootSignCommand: Command = {
   name: 'root sign',
@@ -29,5 +34,151 @@ written. --permit-dns adds critical name constraints.`,
     } finally {
       await root.close();
     }
+  },
+};
+
+export const rootRolloverCommand: Command = {
+  name: 'root rollover',
+  summary: 'offline: a new root key and certificate, with the NewWithOld / OldWithNew link certificates',
+  usage: `Usage: hallmark root rollover --root-dir DIR [--key-algorithm ALG] [--validity 20y] [--subject DN]
+
+Makes a new root key in the root's own backend (its key store, or its PKCS#11 token), its self-signed
+certificate (subject: the old one with " N" appended to the CN, e.g. "… Root CA 2") and the link
+certificates of RFC 4210 §4.4: NewWithOld (the new key signed by the old root) and OldWithNew (the old
+key signed by the new root). Writes root-N.pem, root-N-newwithold.pem, root-N-oldwithnew.pem and
+root-(N-1).pem into the root directory and journals them. The new root becomes current (root.pem;
+root sign uses it); the old key stays for the old root's CRL. --key-algorithm defaults to the old root's.
+Then, online: hallmark root install-rollover --home HOME --from DIR.`,
+  options: { 'root-dir': { type: 'string' }, 'key-algorithm': { type: 'string' }, validity: { type: 'string' }, subject: { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  async run(args) {
+    const rootDir = required(args, 'root-dir', this.usage);
+    const validity = str(args, 'validity');
+    const validityDays = validity === undefined ? undefined : parseValidity(validity);
+    const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
+    const root = await OfflineRoot.open(rootDir, passphrase);
+    try {
+      const r = await root.rollover({ algorithm: str(args, 'key-algorithm'), validityDays, subject: str(args, 'subject') });
+      info(`New root ${r.current.name}: ${r.current.subject} (serial ${r.current.serial}), replacing ${r.previous.name}: ${r.previous.subject}`);
+      for (const [what, file] of [['NewWithNew', r.files.newWithNew], ['NewWithOld', r.files.newWithOld], ['OldWithNew', r.files.oldWithNew], ['OldWithOld', r.files.oldWithOld]] as const) info(`  ${what.padEnd(10)} ${join(rootDir, file)}`);
+      info(`Next, online: hallmark root install-rollover --home HOME --from ${rootDir}   (or a copy of the four .pem files)`);
+      out(JSON.stringify({ name: r.current.name, subject: r.current.subject, serial: r.current.serial, previous: r.previous.name, files: r.files }, null, 2));
+      return 0;
+    } finally {
+      await root.close();
+    }
+  },
+};
+
+export const rootRevokeCommand: Command = {
+  name: 'root revoke',
+  summary: 'offline: revoke an intermediate the root signed and write a fresh root CRL',
+  usage: `Usage: hallmark root revoke --root-dir DIR (--ca NAME | --serial HEX) [--reason R] [--crl-days 30]
+
+Finds the intermediate in the root's journal (issued.jsonl) — by serial, or by NAME: the subject's CN
+is NAME or ends in " NAME", as hallmark ca request writes it — appends it to revoked.jsonl and writes the
+CRL of the root generation that signed it (ROOTNAME.crl and ROOTNAME.crl.pem in the root directory,
+CRL number incremented, nextUpdate --crl-days ahead, default 30). --reason defaults to cACompromise.
+Then, online: hallmark root install-crl --home HOME --crl DIR/ROOTNAME.crl.`,
+  options: { 'root-dir': { type: 'string' }, ca: { type: 'string' }, serial: { type: 'string' }, reason: { type: 'string' }, 'crl-days': { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  async run(args) {
+    const rootDir = required(args, 'root-dir', this.usage);
+    const ca = str(args, 'ca');
+    const serial = str(args, 'serial');
+    if ((ca === undefined) === (serial === undefined)) throw new UsageError(`give exactly one of --ca NAME or --serial HEX\n\n${this.usage}`);
+    const reason = parseRevocationReason(str(args, 'reason') ?? 'cACompromise');
+    const crlDays = intOption(args, 'crl-days');
+    const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
+    const root = await OfflineRoot.open(rootDir, passphrase);
+    try {
+      const r = await root.revokeIntermediate({ ca, serial, reason, crlDays });
+      info(`Revoked ${r.subject} (serial ${r.serial}, ${r.reason}); CRL #${r.crl.number} of ${r.issuer} (${r.crl.entries} entries, next update ${r.crl.nextUpdate.toISOString()}) -> ${r.crl.derPath}`);
+      info(`Next, online: hallmark root install-crl --home HOME --crl ${r.crl.derPath}`);
+      out(JSON.stringify({ serial: r.serial, subject: r.subject, reason: r.reason, root: r.issuer, crlNumber: r.crl.number, crl: r.crl.derPath, crlPem: r.crl.pemPath }, null, 2));
+      return 0;
+    } finally {
+      await root.close();
+    }
+  },
+};
+
+export const rootCrlCommand: Command = {
+  name: 'root crl',
+  summary: 'offline: re-sign the root CRL(s) before they run out',
+  usage: `Usage: hallmark root crl --root-dir DIR [--root NAME] [--crl-days 30]
+
+Writes a fresh CRL (next CRL number) for every root generation in the directory, or for --root NAME
+(root, root-2, ...): ROOTNAME.crl and ROOTNAME.crl.pem. The root is offline, so its CRL is long-lived:
+re-sign and install it (hallmark root install-crl) well before nextUpdate.`,
+  options: { 'root-dir': { type: 'string' }, root: { type: 'string' }, 'crl-days': { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  async run(args) {
+    const rootDir = required(args, 'root-dir', this.usage);
+    const crlDays = intOption(args, 'crl-days');
+    const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
+    const root = await OfflineRoot.open(rootDir, passphrase);
+    try {
+      const only = str(args, 'root');
+      const names = only ? [only] : (await root.generations()).map((g) => g.name);
+      const made = [];
+      for (const name of names) {
+        const crl = await root.issueCrl(name, { days: crlDays });
+        info(`CRL #${crl.number} of ${name} (${crl.entries} entries, next update ${crl.nextUpdate.toISOString()}) -> ${crl.derPath}`);
+        made.push({ root: name, number: crl.number, entries: crl.entries, nextUpdate: crl.nextUpdate.toISOString(), crl: crl.derPath, crlPem: crl.pemPath });
+      }
+      out(JSON.stringify(made, null, 2));
+      return 0;
+    } finally {
+      await root.close();
+    }
+  },
+};
+
+export const rootInstallRolloverCommand: Command = {
+  name: 'root install-rollover',
+  summary: 'online: record a root rollover (new root + link certificates) in the store',
+  usage: `Usage: hallmark root install-rollover [--home DIR] --from DIR [--generation N]
+
+Reads root-N.pem, root-N-newwithold.pem and root-N-oldwithnew.pem (the newest N, or --generation N)
+from DIR — the root directory or a copy of those public files — checks them against the store's active
+root and records the new root as CA "root-N" (now the current root; ca export gives it) and the two link
+certificates, audited. No passphrase needed. EST /cacerts then serves NewWithNew, NewWithOld, OldWithNew
+and OldWithOld. Copies go to HOME/rollover/.`,
+  options: { from: { type: 'string' }, generation: { type: 'string' } },
+  async run(args) {
+    const from = required(args, 'from', this.usage);
+    const home = resolveHome(str(args, 'home'));
+    return withStoreOnly(args, async (directory) => {
+      const r = await installRootRollover({ store: directory.store, home, from, generation: intOption(args, 'generation'), actor: actor() });
+      out(`${r.alreadyInstalled ? 'Already installed' : 'Installed'} root ${r.name}: ${r.subject}, valid until ${r.notAfter} (previous root ${r.previous} stays active until retired)`);
+      return 0;
+    });
+  },
+};
+
+export const rootInstallCrlCommand: Command = {
+  name: 'root install-crl',
+  summary: 'online: install a root CRL; revokes the listed intermediates and everything they issued',
+  usage: `Usage: hallmark root install-crl [--home DIR] --crl FILE
+
+Checks the CRL (DER or PEM) against the store's roots, keeps it as HOME/crl/ROOTNAME.crl (and .crl.pem) and
+for each intermediate it lists: marks the CA revoked, revokes every certificate it issued (reason
+cACompromise; superseded / cessationOfOperation / affiliationChanged / privilegeWithdrawn CAs pass their
+reason on) and marks the devices concerned for re-enrolment (audit device.reenrolment-required; their
+state is kept). Point the affected lines at a new CA, and restart serve so it stops using the CA.`,
+  options: { crl: { type: 'string' }, 'passphrase-file': { type: 'string' } },
+  async run(args) {
+    const file = required(args, 'crl', this.usage);
+    let crl: Buffer;
+    try { crl = await readFile(file); } catch { throw new HallmarkError('BAD_REQUEST', `cannot read ${file}`); }
+    return withAuthority(args, async (authority) => {
+      const r = await installRootCrl(authority, { crl, actor: actor() });
+      out(`Installed CRL #${r.number} of ${r.root} (${r.entries} entries) -> ${r.path}`);
+      for (const ca of r.revoked) {
+        out(`  ${ca.name} (serial ${ca.serial}, ${ca.reason}): ${ca.newlyRevoked ? 'revoked' : 'already revoked'}; ${ca.certificatesRevoked} certificates revoked; ${ca.devices.length} devices to re-enrol`);
+        if (ca.lines.length) info(`  lines still using ${ca.name}: ${ca.lines.join(', ')} — give them a new CA before their devices re-enrol`);
+        if (ca.name === authority.config.defaultIssuer) info(`  ${ca.name} is the default issuer: install a new CA with hallmark ca install --default`);
+      }
+      if (r.unknownSerials.length) info(`  not intermediates of this authority: ${r.unknownSerials.join(', ')}`);
+      return 0;
+    });
   },
 };

@@ -146,12 +146,19 @@ export async function registerEstRoutes(app: FastifyInstance, authority: Authori
 
 /**
  * The CA certificates a device needs: for a line label, that line's issuing chain; otherwise every
- * active issuing CA with the root (a product's devices may come from several lines).
+ * active issuing CA with the root (a product's devices may come from several lines). During a root
+ * rollover (more than one active root) the root part is, per RFC 7030 §4.1.3: the current root
+ * (NewWithNew), NewWithOld, OldWithNew and the old root (OldWithOld); a line's chain gets them too.
  */
-async function caCertificates(authority: Authority, label: string | undefined): Promise<Buffer[]> {
+export async function caCertificates(authority: Authority, label: string | undefined): Promise<Buffer[]> {
+  const roots = await authority.directory.rootCertificates();
+  const withRoots = (certs: Buffer[]): Buffer[] => {
+    if (roots.length > 1) for (const r of roots) if (!certs.some((c) => c.equals(r))) certs.push(r);
+    return certs;
+  };
   if (label !== undefined) {
     const line = await authority.store.db.selectFrom('lines').innerJoin('certificate_authorities as ca', 'ca.id', 'lines.ca_id').select('ca.name').where('lines.name', '=', label).executeTakeFirst();
-    if (line) return authority.caChain(line.name, true);
+    if (line) return withRoots(await authority.caChain(line.name, true));
   }
   const cas = await authority.listCas();
   const out: Buffer[] = [];
@@ -160,7 +167,6 @@ async function caCertificates(authority: Authority, label: string | undefined): 
     const [der] = await authority.caChain(ca.name, false);
     if (der) out.push(der);
   }
-  const [root] = await authority.caChain(await authority.rootName(), false);
-  if (root) out.push(root);
+  out.push(...roots);
   return out;
 }

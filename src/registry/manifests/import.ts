@@ -2,22 +2,26 @@
 //
 //   1. The batch exists and is open; the format is known (given, or detected from the first byte).
 //   2. Generic lists: the detached signature is verified over the whole file before any of it is parsed.
-//   3. One streaming pass verifies every entry (Microchip: each JWS signature; all: keys are valid
-//      points, UDIDs match or are well-formed, birth certificates chain to a trusted vendor CA, no
-//      UDID or key twice) and keeps only the compact registrations. Nothing is stored yet.
-//   4. One Registry.registerDevices call stores them in one transaction (each device audited with
-//      source "manifest.import"; clones refused and audited by the registry), then one summary audit
+//   3. One write transaction (Registry.registerDeviceStream) is opened, and one streaming pass verifies
+//      every entry in it (Microchip: each JWS signature; all: keys are valid points, UDIDs match or are
+//      well-formed, birth certificates chain to a trusted vendor CA). Verified entries are staged in
+//      chunks in a temporary table of that transaction, not kept in memory: memory stays flat whatever
+//      the file's size.
+//   4. At the end of the file, in the same transaction: no UDID or key twice in the file; clones
+//      against the stored devices refuse the import (audited by the registry after the rollback);
+//      new devices are inserted and each audited (source "manifest.import"), then one summary audit
 //      entry records the file's SHA-256, format, signer and counts.
-// A failed import stores no device. Importing the same file again changes nothing: every device comes
-// back "unchanged" and no audit entry is written.
+// A failed import stores no device (the transaction rolls back). Importing the same file again changes
+// nothing: every device comes back "unchanged" and no audit entry is written.
 
 import { createHash } from 'node:crypto';
 import { open, readFile } from 'node:fs/promises';
 import { HallmarkError } from '../../errors.js';
 import type { Store } from '../../store/database.js';
-import { checkBirthCertificate, verifyBirthCertificate } from '../birth-certificates.js';
-import { KeyIndex, Registry, type BirthCertificateCheck, type RegistrationOutcome } from '../registry.js';
-import { CompactDevices, keyDigest } from './compact.js';
+import type { Transaction } from 'kysely';
+import type { Database } from '../../store/schema.js';
+import { verifyBirthCertificate } from '../birth-certificates.js';
+import { Registry, type StagedRegistration } from '../registry.js';
 import type { BirthCheck, ParsedEntry } from './entries.js';
 import { microchipEntries } from './microchip.js';
 import { csvEntries, decodeSignatureFile, fileChunks, lines, ndjsonEntries, verifyDetachedSignature } from './signed-list.js';
@@ -62,6 +66,9 @@ export interface ImportReport {
   readonly warnings: readonly string[];
 }
 
+/** Verified entries handed to the registry at a time. */
+const STAGE_CHUNK = 1000;
+
 /** How many invalid entries the summary audit entry lists (the count is always complete). */
 const AUDITED_INVALID = 100;
 
@@ -87,6 +94,12 @@ async function* hashed(chunks: AsyncIterable<Buffer>, hash: ReturnType<typeof cr
   for await (const c of chunks) { hash.update(c); yield c; }
 }
 
+/** Sorts invalid entries by their place in the file: duplicates are only found once the whole file has been read. */
+function inFileOrder(invalid: InvalidEntry[]): void {
+  const place = (e: InvalidEntry): number => Number(/^(?:entry|line) (\d+)/.exec(e.where)?.[1] ?? Infinity);
+  invalid.sort((a, b) => place(a) - place(b));
+}
+
 function label(format: ManifestFormat, position: number, udid: string): string {
   return format === 'microchip' ? `entry ${position} (uniqueId ${udid})` : `line ${position} (udid ${udid})`;
 }
@@ -96,20 +109,14 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
   const warnings: string[] = [];
   const now = new Date();
 
-  // Birth certificates are verified in the pass (so that an entry is named, and skippable); the
-  // registry is then told which exact certificates were verified, and checks any other itself.
-  // A fresh handle: birth-certificates.ts caches the vendor trust anchors per handle.
-  const trustHandle = store.db.withoutPlugins();
-  const verifiedBirth = new WeakMap<Buffer, Buffer>();
+  // Birth certificates are verified in the pass, inside the import's transaction (so that an entry is
+  // named, and skippable); the registry then stores them as verified.
+  let birthHandle: Transaction<Database> | undefined;
   const checkBirth: BirthCheck = async (certificate, chain, spki) => {
-    await verifyBirthCertificate(trustHandle, certificate, spki, now, chain);
-    verifiedBirth.set(certificate, spki);
+    if (!birthHandle) throw new Error('a birth certificate was checked outside the import transaction');
+    await verifyBirthCertificate(birthHandle, certificate, spki, now, chain);
   };
-  const registryCheck: BirthCertificateCheck = async (trx, certificate, spki, at, chain) => {
-    if (verifiedBirth.get(certificate)?.equals(spki)) return;
-    await checkBirthCertificate(trx, certificate, spki, at, chain);
-  };
-  const registry = new Registry(store, registryCheck);
+  const registry = new Registry(store);
 
   const batch = await registry.batch(options.batch);
   if (batch.expiresAt && new Date(batch.expiresAt) <= now) throw new HallmarkError('BATCH_EXPIRED', `batch ${batch.id} expired at ${batch.expiresAt}`);
@@ -153,14 +160,13 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
     entries = format === 'csv' ? csvEntries(source, { ignoreBirthCertificates, checkBirth }) : ndjsonEntries(source, { ignoreBirthCertificates, checkBirth });
   }
 
-  // The pass: verify everything, keep compact registrations, store nothing.
-  const devices = new CompactDevices();
-  const positions: number[] = [];
+  // One pass inside the write transaction: each entry is verified, then staged by the registry in
+  // chunks (registerDeviceStream); duplicates, clones and the inserts are decided once the file has been
+  // read to its end. A refused entry, a clone, or a changed file rolls everything back.
   const invalid: InvalidEntry[] = [];
-  // Entry e of each index is device e: its UDID (lowercase hex, as checked), its key's SHA-256.
-  const udids = new KeyIndex('hex');
-  const keys = new KeyIndex('latin1');
+  const noun = format === 'microchip' ? 'entry' : 'line';
   let total = 0;
+  let valid = 0;
   const refuse = (e: InvalidEntry): void => {
     if (!options.skipInvalid) {
       const hint = e.code === 'BIRTH_CERT_INVALID' && !/not valid at|does not carry/.test(e.reason) ? ' (trust the vendor CA with hallmark vendor add, or register the keys alone with --ignore-birth-certs)' : '';
@@ -169,62 +175,56 @@ export async function importManifest(store: Store, options: ImportOptions): Prom
     invalid.push(e);
     options.onInvalid?.(e);
   };
-  for await (const entry of entries) {
-    total++;
-    if (!entry.ok) { refuse({ where: entry.where, udid: entry.udid, reason: entry.reason, code: entry.code }); continue; }
-    const { device, position } = entry;
-    const sameUdid = udids.add(device.udid);
-    const sameKey = sameUdid >= 0 ? -1 : keys.add(keyDigest(device.publicKeySpki));
-    if (sameUdid >= 0 || sameKey >= 0) {
-      if (sameUdid < 0) udids.removeLast();
-      const what = sameUdid >= 0 ? 'UDID' : 'public key';
-      refuse({ where: label(format, position, device.udid), udid: device.udid, reason: `the same ${what} as ${format === 'microchip' ? 'entry' : 'line'} ${positions[sameUdid >= 0 ? sameUdid : sameKey]} of this file`, code: 'MANIFEST_INVALID' });
-      continue;
+  let fileSha256 = '';
+  async function* staged(trx: Transaction<Database>): AsyncGenerator<StagedRegistration[]> {
+    birthHandle = trx;
+    let chunk: StagedRegistration[] = [];
+    for await (const entry of entries) {
+      total++;
+      if (!entry.ok) { refuse({ where: entry.where, udid: entry.udid, reason: entry.reason, code: entry.code }); continue; }
+      valid++;
+      chunk.push({ position: entry.position, registration: entry.device });
+      if (chunk.length >= STAGE_CHUNK) { yield chunk; chunk = []; }
     }
-    devices.push(device);
-    positions.push(position);
+    if (chunk.length > 0) yield chunk;
+    fileSha256 = hash.digest('hex');
+    if (listSha256 !== undefined && listSha256 !== fileSha256) {
+      throw new HallmarkError('MANIFEST_INVALID', 'the file changed while it was being imported (its SHA-256 differs from the signed one); nothing was imported');
+    }
+    if (total === 0) throw new HallmarkError('MANIFEST_INVALID', `${options.file} has no entries`);
+    if (valid === 0) throw new HallmarkError('MANIFEST_INVALID', `no valid entry: all ${total} entries are invalid; nothing was imported`);
   }
-  udids.clear();
-  keys.clear();
-  const fileSha256 = hash.digest('hex');
-  if (listSha256 !== undefined && listSha256 !== fileSha256) {
-    throw new HallmarkError('MANIFEST_INVALID', 'the file changed while it was being imported (its SHA-256 differs from the signed one); nothing was imported');
-  }
-  if (total === 0) throw new HallmarkError('MANIFEST_INVALID', `${options.file} has no entries`);
-  if (devices.length === 0) throw new HallmarkError('MANIFEST_INVALID', `no valid entry: all ${total} entries are invalid; nothing was imported`);
 
-  // Store: one transaction, all or nothing.
-  let outcomes: RegistrationOutcome[];
-  try {
-    // The summary entry commits in the same transaction as the devices; a re-import that changes
-    // nothing writes nothing, not even the summary.
-    outcomes = await registry.registerDevices(options.batch, devices, options.actor, 'manifest.import', (results) => {
-      const registered = results.filter((o) => o === 'registered').length;
-      const reRegistered = results.filter((o) => o === 're-registered').length;
+  // The summary entry commits in the same transaction as the devices; a re-import that changes
+  // nothing writes nothing, not even the summary.
+  const counts = await registry.registerDeviceStream(options.batch, staged, {
+    actor: options.actor, source: 'manifest.import',
+    where: (position, udid) => label(format, position, udid ?? '?'),
+    onDuplicate: ({ position, udid, earlier, what }) => {
+      refuse({ where: label(format, position, udid), udid, reason: `the same ${what} as ${noun} ${earlier} of this file`, code: 'MANIFEST_INVALID' });
+    },
+    summary: ({ registered, unchanged, reRegistered }) => {
+      inFileOrder(invalid);
       if (registered + reRegistered === 0) return undefined;
       return {
         actor: options.actor, action: 'manifest.import', target: options.batch,
         details: {
           file: options.file, fileSha256, format, signers: usedSigners.map(summariseSigner).map((s) => ({ name: s.name, sha256: s.sha256 })),
-          entries: total, registered, unchanged: results.length - registered - reRegistered, reRegistered, invalidSkipped: invalid.length,
+          entries: total, registered, unchanged, reRegistered, invalidSkipped: invalid.length,
           birthCertificates: ignoreBirthCertificates ? 'ignored' : 'verified',
           invalid: invalid.slice(0, AUDITED_INVALID).map((e) => `${e.where}: ${e.reason}`),
         },
       };
-    });
-  } catch (err) {
-    // The registry numbers entries of its input; name them as the file does.
-    if (err instanceof HallmarkError) {
-      const m = /^entry (\d+)( \(UDID [0-9a-f]+\))?: /.exec(err.message);
-      const pos = m ? positions[Number(m[1]) - 1] : undefined;
-      const dev = m ? devices.at(Number(m[1]) - 1) : undefined;
-      if (pos !== undefined && dev?.udid) throw new HallmarkError(err.code, `${label(format, pos, dev.udid)}: ${err.message.slice(m![0].length)}; nothing was imported`, { cause: err });
+    },
+  }).catch((err: unknown) => {
+    // The registry names entries as the file does; say, as for every refusal, that nothing was imported.
+    if (err instanceof HallmarkError && /^(entry|line) \d+/.test(err.message) && !err.message.includes('nothing was imported')) {
+      throw new HallmarkError(err.code, `${err.message}; nothing was imported`, { cause: err });
     }
     throw err;
-  }
-  const registered = outcomes.filter((o) => o === 'registered').length;
-  const reRegistered = outcomes.filter((o) => o === 're-registered').length;
-  const unchanged = outcomes.length - registered - reRegistered;
+  });
+  const { registered, unchanged, reRegistered } = counts;
+  inFileOrder(invalid);
   const signers = usedSigners.map(summariseSigner);
   const report: ImportReport = {
     file: options.file, fileSha256, format, batch: options.batch, signers, entries: total,
