@@ -55,12 +55,28 @@ export function registerCrlRoutes(app: FastifyInstance, authority: Authority, op
     if (!m) throw new HallmarkError('NOT_FOUND', 'no such CRL (NAME.crl, NAME-delta.crl, NAME.pem or NAME-delta.pem)');
     const [, name, delta, ext] = m as unknown as [string, string, string | undefined, 'crl' | 'pem'];
     const kind: CrlKind = delta ? 'delta' : 'full';
-    const crl = await mine.publisher.current(name, kind);
+    const crl = (await storedRootCrl(authority, name, kind)) ?? (await mine.publisher.current(name, kind));
     setCachingHeaders(reply, crl, kind === 'full' ? fullMaxAge : deltaMaxAge);
     if (notModified(request, crl)) return reply.status(304).send();
     if (ext === 'pem') return reply.type('application/x-pem-file').send(encodePem('X509 CRL', crl.der));
     return reply.type('application/pkix-crl').send(crl.der);
   });
+}
+
+/**
+ * A root's CRL is signed offline (hallmark root revoke / root crl) and recorded by `hallmark root
+ * install-crl`: served as installed, never made here. undefined when `name` is not a root.
+ */
+async function storedRootCrl(authority: Authority, name: string, kind: CrlKind): Promise<CrlRecord | undefined> {
+  const ca = await authority.store.db.selectFrom('certificate_authorities').select(['id', 'role']).where('name', '=', name).executeTakeFirst();
+  if (!ca || ca.role !== 'root') return undefined;
+  if (kind === 'delta') throw new HallmarkError('NOT_FOUND', `the offline root ${name} publishes no delta CRL`);
+  const row = await authority.store.db.selectFrom('crls').selectAll().where('ca_id', '=', ca.id).where('kind', '=', 'full').orderBy('number', 'desc').limit(1).executeTakeFirst();
+  if (!row) throw new HallmarkError('NOT_FOUND', `no CRL of root ${name} has been installed (hallmark root install-crl)`);
+  return {
+    ca: name, caId: ca.id, number: Number(row.number), kind: 'full', baseNumber: null, thisUpdate: new Date(row.this_update), nextUpdate: new Date(row.next_update),
+    entries: Number(row.entries), der: Buffer.from(row.der),
+  };
 }
 
 const etagOf = (crl: CrlRecord): string => `"${crl.number}"`;
