@@ -17,6 +17,8 @@ export const SCOPES = {
   'registry:read': 'read products, lines, batches, devices and vendors',
   'registry:write': 'create products, lines, batches; register, transfer, suspend, resume, decommission devices; trust vendors',
   'tokens:write': 'create and revoke API tokens',
+  'webhooks:read': 'list webhooks and their deliveries',
+  'webhooks:write': 'create and disable webhooks, retry deliveries',
 } as const;
 export type Scope = keyof typeof SCOPES;
 

@@ -6,7 +6,6 @@ import { caExportCommand, caInstallCommand, caListCommand, caRequestCommand } fr
 import { initCommand } from './commands/init.js';
 import { issueCommand } from './commands/issue.js';
 import { rootCrlCommand, rootInstallCrlCommand, rootInstallRolloverCommand, rootRevokeCommand, rootRolloverCommand, rootSignCommand } from './commands/root.js';
-import { crlShowCommand } from './commands/crl.js';
 import { serveCommand } from './commands/serve.js';
 import { tokenCreateCommand, tokenListCommand, tokenRevokeCommand } from './commands/token.js';
 import { UsageError, parse, type Command } from './io.js';
@@ -18,6 +17,9 @@ import { revokeCommand } from './commands/revoke.js';
 import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
 import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
 import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
+import { crlShowCommand } from './commands/crl.js';
+import { webhookAddCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookListCommand, webhookRetryCommand } from './commands/webhook.js';
+import { expiryCommand } from './commands/expiry.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -28,6 +30,7 @@ const COMMANDS: readonly Command[] = [
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
   agentEnrollCommand, agentReenrollCommand, crlShowCommand,
+  webhookAddCommand, webhookListCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookRetryCommand, expiryCommand,
 ];
 
 function overview(): string {

@@ -11,6 +11,7 @@ import { normaliseSerialHex } from '../pki/certificate.js';
 import { encodePem } from '../pki/pem.js';
 import { registerRegistryApi } from './registry-api.js';
 import { registerEnrolmentApi } from './enrolment-api.js';
+import { registerWebhooksApi } from './webhooks-api.js';
 import { describeTarget, parseRevocationReason, type RevocationTarget } from '../authority/revocation.js';
 
 declare module 'fastify' {
@@ -79,6 +80,7 @@ export async function registerAdminApi(app: FastifyInstance, authority: Authorit
 
   registerRegistryApi(app, authority);
   registerEnrolmentApi(app, authority);
+  registerWebhooksApi(app, authority);
 
   app.get('/api/v1/cas', {
     config: { scope: 'ca:read' },

@@ -20,6 +20,7 @@ import { EnrolmentService } from '../enrollment/enrolment.js';
 import { DEFAULT_EST_PER_CLIENT_PER_MINUTE, registerEstRoutes } from '../protocols/est/routes.js';
 import { registerOcspRoutes } from '../protocols/ocsp/routes.js';
 import { registerCrlRoutes } from '../protocols/crl/routes.js';
+import { startWebhookDispatcher, type WebhookDispatcherOptions } from '../events/dispatcher.js';
 
 export interface ServerOptions {
   readonly host: string;
@@ -32,6 +33,8 @@ export interface ServerOptions {
   readonly estPerClientPerMinute?: number;
   /** How often revocations made by other processes are looked for (ms). Default 1000. */
   readonly revocationPollMs?: number;
+  /** The webhook dispatcher's intervals, backoff and timeout (tests shorten them); enabled: false turns it off. */
+  readonly webhooks?: WebhookDispatcherOptions;
 }
 
 export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute'>;
@@ -116,6 +119,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
   }
   // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
   const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
+  const webhooks = startWebhookDispatcher(authority.store, { logger: options.logger, ...options.webhooks });
   const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host;
   return {
     https,
@@ -124,7 +128,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
     httpUrl: `http://${hostForUrl}:${(http.server.address() as AddressInfo).port}`,
     async close() {
       stopWatching();
-      await Promise.all([https.close(), http.close()]);
+      await Promise.all([https.close(), http.close(), webhooks.stop()]);
     },
   };
 }

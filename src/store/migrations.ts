@@ -262,8 +262,11 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
         // CRL and OCSP read the revoked certificates of one issuer.
         await db.schema.createIndex('certificates_issuer_status').on('certificates').columns(['issuer_id', 'status', 'revoked_at']).execute();
+        // The expiry report and the expiring-webhook scan read valid certificates by expiry.
+        await db.schema.createIndex('certificates_status_expiry').on('certificates').columns(['status', 'not_after']).execute();
       },
       async down(db: Kysely<unknown>) {
+        await db.schema.dropIndex('certificates_status_expiry').execute();
         await db.schema.dropIndex('certificates_issuer_status').execute();
         await db.schema.dropTable('crls').execute();
         await db.schema.dropTable('cursors').execute();
