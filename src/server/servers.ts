@@ -117,6 +117,8 @@ export async function startServers(authority: Authority, options: ServerOptions)
     await https.close();
     throw err;
   }
+  // SQLite: WAL checkpoints in a worker thread, not inside commits on the event loop.
+  authority.store.checkpointInBackground();
   // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
   const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
   const webhooks = startWebhookDispatcher(authority.store, { logger: options.logger, ...options.webhooks });

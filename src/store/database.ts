@@ -5,6 +5,8 @@ import { chmodSync } from 'node:fs';
 import BetterSqlite3 from 'better-sqlite3';
 import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
 import { reusingStatements } from './sqlite-statements.js';
+import { checkpointInBackground, type Checkpointer } from './sqlite-checkpointer.js';
+import { createRequire } from 'node:module';
 import pg from 'pg';
 import { HallmarkError } from '../errors.js';
 import { StaticMigrationProvider } from './migrations.js';
@@ -30,6 +32,7 @@ export class Store {
   readonly #sqlite: BetterSqlite3.Database | undefined;
   /** The pg pool Kysely runs on (PostgreSQL only), for named statements (preparedRead). */
   readonly #pool: pg.Pool | undefined;
+  #checkpointer: Checkpointer | undefined;
 
   private constructor(db: Db, dialect: Dialect, description: string, sqlite?: BetterSqlite3.Database, pool?: pg.Pool) {
     this.db = db;
@@ -142,7 +145,18 @@ export class Store {
     return result.rows;
   }
 
+  /**
+   * For long-running servers on SQLite: WAL checkpoints in a worker thread instead of inside commits on
+   * the event loop (sqlite-checkpointer.ts). A no-op on PostgreSQL and in-memory databases. Stopped by close().
+   */
+  checkpointInBackground(intervalMs = 500): void {
+    if (!this.#sqlite || this.#checkpointer || this.#description === ':memory:') return;
+    this.#checkpointer = checkpointInBackground(this.#sqlite, this.#description, createRequire(import.meta.url).resolve('better-sqlite3'), intervalMs);
+  }
+
   async close(): Promise<void> {
+    await this.#checkpointer?.stop();
+    this.#checkpointer = undefined;
     await this.db.destroy();
   }
 

@@ -102,7 +102,7 @@ export const lineMoveCommand: Command = {
   usage: `Usage: hallmark line move --from NAME --to NAME [--batch ID] [--home DIR]
 
 The devices keep their hardware identity and UDID; their next enrolment is issued by the new line's CA.
-See docs/operations.md, "Line compromise drill".`,
+See docs/revocation.md, "Line compromise drill".`,
   options: { from: { type: 'string' }, to: { type: 'string' }, batch: { type: 'string' } },
   async run(args) {
     const from = required(args, 'from', this.usage);
