@@ -356,13 +356,13 @@ export class Authority {
     if (!request.newDevice && !existing) throw new HallmarkError('DEVICE_NOT_FOUND', `no device with UDID ${request.udid}`);
     const batchId = existing ? existing.batch_id : request.newDevice!.batch;
     const row = (await rawSql<BatchRow & {
-      product_name: string; profile: string; validity_days: number; allow_server_keygen: number; allow_rekey: number; renew_after_percent: number; product_created_at: string; line_name: string; ca_name: string;
+      product_name: string; profile: string; validity_days: number; allow_server_keygen: number; allow_rekey: number; renew_after_percent: number; policy: string | null; product_created_at: string; line_name: string; ca_name: string;
     }>(this.store.db, dialect, `select b.id, b.product_id, b.line_id, b.quota, b.issued_count, b.refused_count, b.allow_unregistered, b.require_approval, b.expires_at, b.created_at,
-        p.name as product_name, p.profile, p.validity_days, p.allow_server_keygen, p.allow_rekey, p.renew_after_percent, p.created_at as product_created_at, l.name as line_name, ca.name as ca_name
+        p.name as product_name, p.profile, p.validity_days, p.allow_server_keygen, p.allow_rekey, p.renew_after_percent, p.policy, p.created_at as product_created_at, l.name as line_name, ca.name as ca_name
       from batches b join products p on p.id = b.product_id join lines l on l.id = b.line_id join certificate_authorities ca on ca.id = l.ca_id where b.id = ?`, [batchId])).rows[0];
     if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${batchId}`);
     const batch: BatchRow = { id: row.id, product_id: row.product_id, line_id: row.line_id, quota: row.quota, issued_count: row.issued_count, refused_count: row.refused_count, allow_unregistered: row.allow_unregistered, require_approval: row.require_approval, expires_at: row.expires_at, created_at: row.created_at };
-    const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, renew_after_percent: row.renew_after_percent, created_at: row.product_created_at };
+    const product: ProductRow = { id: row.product_id, name: row.product_name, profile: row.profile, validity_days: row.validity_days, allow_server_keygen: row.allow_server_keygen, allow_rekey: row.allow_rekey, renew_after_percent: row.renew_after_percent, policy: row.policy, created_at: row.product_created_at };
     const now = nowIso();
     const device: DeviceRow = existing ?? {
       udid: udidOfKey(request.newDevice!.publicKeySpki), public_key_spki: request.newDevice!.publicKeySpki, public_key_sha256: udidOfKey(request.newDevice!.publicKeySpki),

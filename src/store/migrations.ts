@@ -225,6 +225,8 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('created_at', 'text', (c) => c.notNull())
           .addUniqueConstraint('crls_ca_number_unique', ['ca_id', 'number'])
           .execute();
+        // What a product's devices may do once connected (JSON: MQTT publish / subscribe topic patterns with {udid}); null: the default policy.
+        await db.schema.alterTable('products').addColumn('policy', 'text').execute();
         // Renewal window per product: re-enrolment is allowed once this share of a certificate's lifetime has passed (0: any time).
         await db.schema.alterTable('products').addColumn('renew_after_percent', 'integer', (c) => c.notNull().defaultTo(0)).execute();
         // Webhooks: fleet systems subscribe to events (issued, revoked, expiring, quota-exceeded, clone-detected).
@@ -273,6 +275,7 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.dropTable('webhook_deliveries').execute();
         await db.schema.dropTable('webhooks').execute();
         await db.schema.alterTable('products').dropColumn('renew_after_percent').execute();
+        await db.schema.alterTable('products').dropColumn('policy').execute();
       },
     },
   };

@@ -1,7 +1,7 @@
 // Table types shared by both dialects. Timestamps are ISO-8601 UTC text (sortable, same in SQLite
 // and PostgreSQL); binary DER is BLOB / BYTEA; serial numbers are canonical lowercase hex.
 
-import type { Generated, Insertable, Selectable } from 'kysely';
+import type { ColumnType, Generated, Insertable, Selectable } from 'kysely';
 
 export type CaRole = 'root' | 'intermediate';
 export type CaStatus = 'pending' | 'active' | 'retired' | 'revoked';
@@ -84,6 +84,8 @@ export interface ProductsTable {
   allow_server_keygen: Generated<number>;
   allow_rekey: Generated<number>;
   renew_after_percent: Generated<number>;
+  /** JSON ProductPolicy (src/connect/policy.ts) or null for the default. */
+  policy: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface LinesTable {
