@@ -72,7 +72,7 @@ async function storedRootCrl(authority: Authority, name: string, kind: CrlKind):
   if (!ca || ca.role !== 'root') return undefined;
   if (kind === 'delta') throw new HallmarkError('NOT_FOUND', `the offline root ${name} publishes no delta CRL`);
   const row = await authority.store.db.selectFrom('crls').selectAll().where('ca_id', '=', ca.id).where('kind', '=', 'full').orderBy('number', 'desc').limit(1).executeTakeFirst();
-  if (!row) throw new HallmarkError('NOT_FOUND', `no CRL of root ${name} has been installed (hallmark root install-crl)`);
+  if (!row) throw new HallmarkError('NOT_FOUND', `no CRL of root ${name} has been installed: the root ceremony makes it (hallmark root revoke or root crl), then hallmark root install-crl`);
   return {
     ca: name, caId: ca.id, number: Number(row.number), kind: 'full', baseNumber: null, thisUpdate: new Date(row.this_update), nextUpdate: new Date(row.next_update),
     entries: Number(row.entries), der: Buffer.from(row.der),
