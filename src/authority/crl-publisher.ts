@@ -24,7 +24,8 @@
 import type { EventEmitter } from 'node:events';
 import { appendAudit } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
-import { encodeCrl, parseCrl, type CrlEntry } from '../protocols/crl/crl.js';
+import { sql, type SqlBool } from 'kysely';
+import { RevokedListWriter, encodeCrl, parseCrl, type CrlEntry } from '../protocols/crl/crl.js';
 import { nowIso, type Store } from '../store/database.js';
 import type { CaRow } from '../store/schema.js';
 import type { CaDirectory } from './ca-directory.js';
@@ -81,13 +82,19 @@ export interface CrlSource {
 }
 
 const HOUR = 3_600_000;
+/** Rows read per query when a full CRL is made. */
+const FULL_PAGE_ROWS = 10_000;
 const DAY = 24 * HOUR;
 
 interface CaState {
   readonly name: string;
   readonly caId: number;
   full?: CrlRecord;
-  /** Serials on `full`: a delta lists what is revoked and not on its base. */
+  /**
+   * Serials on `full` that a delta could list again: those revoked no earlier than the delta's cutoff
+   * (full thisUpdate - overlapMs). A delta lists what is revoked since the cutoff and not on its base, so
+   * older entries never matter (keeping all of a 1M-entry CRL's serials would cost ~100 MB).
+   */
   fullSerials?: ReadonlySet<string>;
   delta?: CrlRecord;
   /** Revoked rows the delta query matched when `delta` was made (change detection). */
@@ -242,7 +249,9 @@ export class CrlPublisher {
     const [full, delta] = await Promise.all([latest('full'), latest('delta')]);
     if (full) {
       state.full = toRecord(caName, full);
-      state.fullSerials = new Set(parseCrl(state.full.der).entries.map((e) => e.serialHex));
+      // CRL times are whole seconds: an entry whose true revoked_at is at or after the cutoff shows at most 999 ms earlier.
+      const since = state.full.thisUpdate.getTime() - this.#o.overlapMs - 1000;
+      state.fullSerials = new Set(parseCrl(state.full.der).entries.filter((e) => e.revokedAt.getTime() >= since).map((e) => e.serialHex));
     }
     if (delta && state.full && Number(delta.base_number) === state.full.number) {
       state.delta = toRecord(caName, delta);
@@ -300,13 +309,34 @@ export class CrlPublisher {
     const thisUpdate = this.#thisUpdate();
     // Kept until one full validity period after expiry (see the header comment).
     const keepExpiredSince = nowIso(new Date(thisUpdate.getTime() - this.#o.fullValidityMs));
-    const rows = await this.#source.store.db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
-      .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('not_after', '>=', keepExpiredSince)
-      .orderBy('id').execute();
-    const entries = rows.map((r) => ({ serialHex: r.serial, revokedAt: new Date(r.revoked_at!), reason: r.revocation_reason }));
+    const cutoff = nowIso(new Date(thisUpdate.getTime() - this.#o.overlapMs)); // the cutoff of the deltas on this base
+    const db = this.#source.store.db;
+    // Streamed page by page into the encoder, in (revoked_at, id) order: a range scan of the
+    // (issuer_id, status, revoked_at) index, resumed after the last row of the previous page. One
+    // 1M-row result would hold every row as an object at once (≈ 400 MB, and SQLite sorted it first),
+    // and between pages other queries of a running server get the connection.
+    const writer = new RevokedListWriter(1024);
+    const recent = new Set<string>();
+    const base = () => db.selectFrom('certificates').select(['id', 'serial', 'revoked_at', 'revocation_reason'])
+      .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('not_after', '>=', keepExpiredSince);
+    // A revoked row without a time (never written so) still goes on the CRL, dated 1970 as before.
+    for (const r of await base().where('revoked_at', 'is', null).orderBy('id').execute()) writer.add(r.serial, new Date(0), r.revocation_reason);
+    let after: { revokedAt: string; id: number } | undefined;
+    for (;;) {
+      let q = base().where('revoked_at', 'is not', null);
+      if (after) q = q.where(sql<SqlBool>`(revoked_at, id) > (${after.revokedAt}, ${after.id})`);
+      const rows = await q.orderBy('revoked_at').orderBy('id').limit(FULL_PAGE_ROWS).execute();
+      for (const r of rows) {
+        writer.add(r.serial, r.revoked_at!, r.revocation_reason);
+        if (r.revoked_at! >= cutoff) recent.add(r.serial);
+      }
+      if (rows.length < FULL_PAGE_ROWS) break;
+      const last = rows[rows.length - 1]!;
+      after = { revokedAt: last.revoked_at!, id: Number(last.id) };
+    }
     const freshestCrlUrl = this.#o.publicUrl ? `${this.#o.publicUrl}/crl/${state.name}-delta.crl` : undefined;
-    state.full = await this.#issue(state, 'full', thisUpdate, entries, { freshestCrlUrl });
-    state.fullSerials = new Set(entries.map((e) => e.serialHex));
+    state.full = await this.#issue(state, 'full', thisUpdate, writer, { freshestCrlUrl });
+    state.fullSerials = recent;
     state.delta = undefined;
     state.deltaCandidates = undefined;
   }
@@ -327,7 +357,7 @@ export class CrlPublisher {
   }
 
   /** Signs and stores one CRL under the next number, with its audit entry, retrying if another writer took the number. */
-  async #issue(state: CaState, kind: CrlKind, thisUpdate: Date, entries: readonly CrlEntry[], extra: { deltaBase?: number; freshestCrlUrl?: string }): Promise<CrlRecord> {
+  async #issue(state: CaState, kind: CrlKind, thisUpdate: Date, entries: readonly CrlEntry[] | RevokedListWriter, extra: { deltaBase?: number; freshestCrlUrl?: string }): Promise<CrlRecord> {
     const ca = await this.#source.signingCa(state.name);
     const db = this.#source.store.db;
     const maxNumber = async (q: typeof db): Promise<number> => {
@@ -335,6 +365,7 @@ export class CrlPublisher {
       return r?.n === null || r?.n === undefined ? 0 : Number(r.n);
     };
     const nextUpdate = new Date(thisUpdate.getTime() + (kind === 'full' ? this.#o.fullValidityMs : this.#o.deltaValidityMs));
+    const count = entries instanceof RevokedListWriter ? entries.count : entries.length;
     for (let attempt = 0; ; attempt++) {
       const last = await maxNumber(db);
       const number = last + 1;
@@ -349,11 +380,11 @@ export class CrlPublisher {
           if ((await maxNumber(trx as unknown as typeof db)) !== last) throw new NumberTaken();
           await trx.insertInto('crls').values({
             ca_id: state.caId, number, kind, base_number: kind === 'delta' ? extra.deltaBase! : null,
-            this_update: nowIso(thisUpdate), next_update: nowIso(nextUpdate), entries: entries.length, der, created_at: nowIso(),
+            this_update: nowIso(thisUpdate), next_update: nowIso(nextUpdate), entries: count, der, created_at: nowIso(),
           }).execute();
           await appendAudit(trx, [{
             actor: this.#o.actor, action: 'crl.issue', target: state.name,
-            details: { ca: state.name, number, kind, entries: entries.length, ...(kind === 'delta' ? { baseNumber: extra.deltaBase } : {}) },
+            details: { ca: state.name, number, kind, entries: count, ...(kind === 'delta' ? { baseNumber: extra.deltaBase } : {}) },
           }]);
         });
       } catch (err) {
@@ -361,7 +392,7 @@ export class CrlPublisher {
         if (err instanceof NumberTaken) throw new HallmarkError('INTERNAL', `could not allocate a CRL number for ${state.name}`);
         throw err;
       }
-      return { ca: state.name, caId: state.caId, number, kind, baseNumber: kind === 'delta' ? extra.deltaBase! : null, thisUpdate, nextUpdate, entries: entries.length, der };
+      return { ca: state.name, caId: state.caId, number, kind, baseNumber: kind === 'delta' ? extra.deltaBase! : null, thisUpdate, nextUpdate, entries: count, der };
     }
   }
 }

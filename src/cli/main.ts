@@ -18,6 +18,7 @@ import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './comm
 import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
 import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 import { crlShowCommand } from './commands/crl.js';
+import { connectCheckCommand } from './commands/connect.js';
 import { webhookAddCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookListCommand, webhookRetryCommand } from './commands/webhook.js';
 import { expiryCommand } from './commands/expiry.js';
 
@@ -31,6 +32,7 @@ const COMMANDS: readonly Command[] = [
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
   agentEnrollCommand, agentReenrollCommand, crlShowCommand,
   webhookAddCommand, webhookListCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookRetryCommand, expiryCommand,
+  connectCheckCommand,
 ];
 
 function overview(): string {

@@ -1,12 +1,14 @@
 // Certificate Revocation Lists (RFC 5280 §5): a fast DER encoder for full and delta CRLs, and a
 // size-limited reader for tests and tools.
 //
-// Why the revoked-certificate list is written by hand into one buffer: a CRL of 100,000 entries is
-// some 400,000 TLVs. A general ASN.1 object model (asn1js, @peculiar/asn1-schema) allocates an object
+// Why the revoked-certificate list is written by hand into one buffer: a CRL of 1,000,000 entries is
+// some 4,000,000 TLVs. A general ASN.1 object model (asn1js, @peculiar/asn1-schema) allocates an object
 // per field plus a Buffer per TLV and takes seconds for that; even der.ts's tlv() per element costs
-// 3-4 allocations per entry. Here the serials are written straight into a single pre-sized buffer, and
-// the revocation times and reason-code extensions (shared by every certificate of a bulk revocation:
-// same instant, same reason) are encoded once and copied. 100,000 entries take tens of milliseconds.
+// 3-4 allocations per entry. Here RevokedListWriter writes each entry straight into one growing buffer:
+// the serial decoded from its hex, the revocation time copied digit by digit from the store's ISO text
+// (no Date per entry), the reason-code extension of each reason encoded once. Entries can be streamed
+// into it from the store page by page, so a million rows are never held as objects (measured:
+// bench/crl.bench.ts, docs/benchmarks.md).
 // The few fixed parts around the list (extensions, TBS header) use der.ts as usual.
 
 import { verify as cryptoVerify } from 'node:crypto';
@@ -54,7 +56,8 @@ export interface CrlSpec {
   readonly deltaBase?: number;
   /** Full CRLs: where the delta CRL is (freshestCRL, RFC 5280 §5.2.6). */
   readonly freshestCrlUrl?: string;
-  readonly entries: readonly CrlEntry[];
+  /** The revoked certificates: a list, or a RevokedListWriter they were streamed into (finished here). */
+  readonly entries: readonly CrlEntry[] | RevokedListWriter;
 }
 
 const VERSION_2 = Buffer.from([0x02, 0x01, 0x01]);
@@ -87,65 +90,179 @@ function entryExtensionsFor(code: number): Buffer {
   return seq(extension(CRL_EXT.reasonCode, false, tlv(TAG.ENUMERATED, Buffer.from([code]))));
 }
 
-/** revokedCertificates (SEQUENCE OF SEQUENCE { serial, revocationDate, crlEntryExtensions? }), or an empty buffer for no entries. */
-export function encodeRevokedCertificates(entries: readonly CrlEntry[]): Buffer {
-  if (entries.length === 0) return Buffer.alloc(0); // RFC 5280 §5.1.2.6: absent when nothing is revoked
-  const times = new Map<number, Buffer>();
-  const extensionsByCode = new Map<number, Buffer>();
-  const serials: Buffer[] = new Array(entries.length);
-  const timeOf: Buffer[] = new Array(entries.length);
-  const extOf: (Buffer | undefined)[] = new Array(entries.length);
-  const contentLengths = new Int32Array(entries.length);
-  let total = 0;
-  for (let i = 0; i < entries.length; i++) {
-    const e = entries[i]!;
-    const hex = e.serialHex.length % 2 ? '0' + e.serialHex : e.serialHex;
-    let serial = Buffer.from(hex, 'hex');
-    if (serial.length * 2 !== hex.length || serial.length === 0 || serial.length > 20) {
-      throw new HallmarkError('BAD_REQUEST', `not a serial number: ${JSON.stringify(e.serialHex)}`);
-    }
+/** Room kept in front of the list for its SEQUENCE header (at most 6 bytes: tag, 0x84, 4 length bytes). */
+const LIST_HEADROOM = 6;
+/** Bytes of one entry with a 16-byte serial, a UTCTime and a reasonCode: the initial size estimate. */
+const ENTRY_ESTIMATE = 49;
+
+/**
+ * revokedCertificates written entry by entry into one growing buffer (SEQUENCE OF SEQUENCE { serial,
+ * revocationDate, crlEntryExtensions? }). Nothing is allocated per entry: the serial's hex is decoded
+ * into a scratch buffer and copied, the time is written digit by digit (from the store's ISO 8601 text
+ * without a Date, or from a Date), and the reasonCode extension of each reason is encoded once. So a
+ * caller can stream a million rows from the store into it without holding them (CrlPublisher does).
+ */
+export class RevokedListWriter {
+  #buf: Buffer;
+  #at = LIST_HEADROOM;
+  #count = 0;
+  #finished: Buffer | undefined;
+  readonly #extensions = new Map<number, Buffer>();
+  readonly #serial = Buffer.alloc(21);
+
+  /** `expected`: entries expected (sizes the first buffer; it grows as needed). */
+  constructor(expected = 64) {
+    this.#buf = Buffer.allocUnsafe(LIST_HEADROOM + Math.max(1, expected) * ENTRY_ESTIMATE);
+  }
+
+  /** Entries added so far. */
+  get count(): number { return this.#count; }
+
+  /**
+   * Adds one entry. `revokedAt`: a Date, or an ISO 8601 UTC text as the store keeps it
+   * (YYYY-MM-DDTHH:MM:SS[.fff]Z; anything else is read with new Date()). Throws BAD_REQUEST for a bad
+   * serial, time or reason (before anything is signed).
+   */
+  add(serialHex: string, revokedAt: Date | string, reason?: CrlEntry['reason']): void {
+    if (this.#finished) throw new Error('RevokedListWriter: add() after finish()');
+    // The serial's magnitude: hex -> bytes, leading zero bytes dropped, 0x00 prepended when the top bit is set.
+    const hex = serialHex.length % 2 ? '0' + serialHex : serialHex;
+    const sb = this.#serial;
+    const n = hex.length <= 42 ? sb.write(hex, 0, 'hex') : 0;
+    if (n * 2 !== hex.length || n === 0 || n > 20) throw new HallmarkError('BAD_REQUEST', `not a serial number: ${JSON.stringify(serialHex)}`);
     let z = 0;
-    while (z < serial.length - 1 && serial[z] === 0) z++;
-    if (z) serial = serial.subarray(z);
-    serials[i] = serial;
-    const ms = e.revokedAt.getTime();
-    if (!Number.isFinite(ms)) throw new HallmarkError('BAD_REQUEST', `serial ${e.serialHex}: bad revocation time`);
-    let t = times.get(ms);
-    if (!t) times.set(ms, (t = time(e.revokedAt)));
-    timeOf[i] = t;
-    const code = reasonCode(e.reason);
+    while (z < n - 1 && sb[z] === 0) z++;
+    const serialLength = n - z;
+    const pad = sb[z]! & 0x80 ? 1 : 0;
+    const integerLength = serialLength + pad;
+
+    const iso = typeof revokedAt === 'string' ? isoDigits(revokedAt) : undefined;
+    let year: number;
+    let date: Date | undefined;
+    let fallback: Buffer | undefined;
+    if (iso !== undefined) {
+      year = iso;
+    } else {
+      date = typeof revokedAt === 'string' ? new Date(revokedAt) : revokedAt;
+      if (!(date instanceof Date) || !Number.isFinite(date.getTime())) throw new HallmarkError('BAD_REQUEST', `serial ${serialHex}: bad revocation time`);
+      year = date.getUTCFullYear();
+      if (year < 0 || year > 9999) fallback = time(date);
+    }
+    const timeLength = fallback ? fallback.length : year >= 1950 && year < 2050 ? 15 : 17;
+
+    const code = reasonCode(reason);
     let ext: Buffer | undefined;
     if (code !== 0) {
-      ext = extensionsByCode.get(code);
-      if (!ext) extensionsByCode.set(code, (ext = entryExtensionsFor(code)));
+      ext = this.#extensions.get(code);
+      if (!ext) this.#extensions.set(code, (ext = entryExtensionsFor(code)));
     }
-    extOf[i] = ext;
-    const integerLength = serial.length + (serial[0]! & 0x80 ? 1 : 0);
-    const len = 2 + integerLength + t.length + (ext ? ext.length : 0);
-    contentLengths[i] = len;
-    total += lengthOfHeader(len) + len;
-  }
-  const out = Buffer.allocUnsafe(lengthOfHeader(total) + total); // every byte is written below
-  let at = writeHeader(out, 0, TAG.SEQUENCE, total);
-  for (let i = 0; i < entries.length; i++) {
-    at = writeHeader(out, at, TAG.SEQUENCE, contentLengths[i]!);
-    const serial = serials[i]!;
-    const pad = serial[0]! & 0x80 ? 1 : 0;
+    const len = 2 + integerLength + timeLength + (ext ? ext.length : 0);
+    this.#reserve(lengthOfHeader(len) + len);
+    const out = this.#buf;
+    let at = writeHeader(out, this.#at, TAG.SEQUENCE, len);
     out[at++] = TAG.INTEGER;
-    out[at++] = serial.length + pad;
+    out[at++] = integerLength;
     if (pad) out[at++] = 0;
-    out.set(serial, at);
-    at += serial.length;
-    const t = timeOf[i]!;
-    out.set(t, at);
-    at += t.length;
-    const ext = extOf[i];
+    sb.copy(out, at, z, n);
+    at += serialLength;
+    if (fallback) {
+      fallback.copy(out, at);
+      at += fallback.length;
+    } else if (date) {
+      // The same digits as der.ts time(), written in place.
+      if (timeLength === 15) {
+        out[at++] = TAG.UTC_TIME;
+        out[at++] = 13;
+        at = digits2(out, at, year % 100);
+      } else {
+        out[at++] = TAG.GENERALIZED_TIME;
+        out[at++] = 15;
+        at = digits2(out, digits2(out, at, Math.floor(year / 100)), year % 100);
+      }
+      at = digits2(out, at, date.getUTCMonth() + 1);
+      at = digits2(out, at, date.getUTCDate());
+      at = digits2(out, at, date.getUTCHours());
+      at = digits2(out, at, date.getUTCMinutes());
+      at = digits2(out, at, date.getUTCSeconds());
+      out[at++] = 0x5a; // Z
+    } else {
+      // The ISO text is YYYY-MM-DDTHH:MM:SS...: its digits are copied as they are (seconds precision, Z).
+      const s = revokedAt as string;
+      if (timeLength === 15) {
+        out[at++] = TAG.UTC_TIME;
+        out[at++] = 13;
+        out[at++] = s.charCodeAt(2);
+        out[at++] = s.charCodeAt(3);
+      } else {
+        out[at++] = TAG.GENERALIZED_TIME;
+        out[at++] = 15;
+        for (let k = 0; k < 4; k++) out[at++] = s.charCodeAt(k);
+      }
+      for (const k of ISO_DIGITS_AFTER_YEAR) out[at++] = s.charCodeAt(k);
+      out[at++] = 0x5a; // Z
+    }
     if (ext) {
-      out.set(ext, at);
+      ext.copy(out, at);
       at += ext.length;
     }
+    this.#at = at;
+    this.#count++;
   }
-  return out;
+
+  /** The encoded revokedCertificates (a view into the writer's buffer), or an empty buffer for no entries. */
+  finish(): Buffer {
+    if (this.#finished) return this.#finished;
+    if (this.#count === 0) return (this.#finished = Buffer.alloc(0)); // RFC 5280 §5.1.2.6: absent when nothing is revoked
+    const length = this.#at - LIST_HEADROOM;
+    const start = LIST_HEADROOM - lengthOfHeader(length);
+    writeHeader(this.#buf, start, TAG.SEQUENCE, length);
+    return (this.#finished = this.#buf.subarray(start, this.#at));
+  }
+
+  #reserve(bytes: number): void {
+    if (this.#at + bytes <= this.#buf.length) return;
+    const grown = Buffer.allocUnsafe(Math.max(this.#at + bytes, Math.ceil(this.#buf.length * 1.5)));
+    this.#buf.copy(grown, 0, 0, this.#at);
+    this.#buf = grown;
+  }
+}
+
+function digits2(out: Buffer, at: number, n: number): number {
+  out[at] = 0x30 + Math.floor(n / 10);
+  out[at + 1] = 0x30 + (n % 10);
+  return at + 2;
+}
+
+/** Offsets of MM, DD, HH, MM, SS in YYYY-MM-DDTHH:MM:SS. */
+const ISO_DIGITS_AFTER_YEAR = [5, 6, 8, 9, 11, 12, 14, 15, 17, 18] as const;
+const DAYS_IN_MONTH = [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+
+/** The year of an ISO 8601 UTC text YYYY-MM-DDTHH:MM:SS[.f…]Z with valid fields, or undefined when it is not one. */
+function isoDigits(s: string): number | undefined {
+  const L = s.length;
+  if (L < 20 || s.charCodeAt(L - 1) !== 0x5a || s.charCodeAt(4) !== 0x2d || s.charCodeAt(7) !== 0x2d || s.charCodeAt(10) !== 0x54 || s.charCodeAt(13) !== 0x3a || s.charCodeAt(16) !== 0x3a) return undefined;
+  if (L > 20 && s.charCodeAt(19) !== 0x2e) return undefined;
+  const d = (k: number): number => {
+    const c = s.charCodeAt(k) - 0x30;
+    return c >= 0 && c <= 9 ? c : NaN;
+  };
+  for (let k = 20; k < L - 1; k++) if (Number.isNaN(d(k))) return undefined;
+  const year = d(0) * 1000 + d(1) * 100 + d(2) * 10 + d(3);
+  const month = d(5) * 10 + d(6);
+  const day = d(8) * 10 + d(9);
+  const hour = d(11) * 10 + d(12);
+  const minute = d(14) * 10 + d(15);
+  const second = d(17) * 10 + d(18);
+  // NaN fails every comparison below.
+  if (!(year >= 0 && month >= 1 && month <= 12 && day >= 1 && day <= DAYS_IN_MONTH[month]! && hour <= 23 && minute <= 59 && second <= 59)) return undefined;
+  return year;
+}
+
+/** revokedCertificates (SEQUENCE OF SEQUENCE { serial, revocationDate, crlEntryExtensions? }), or an empty buffer for no entries. */
+export function encodeRevokedCertificates(entries: readonly CrlEntry[]): Buffer {
+  const writer = new RevokedListWriter(entries.length);
+  for (const e of entries) writer.add(e.serialHex, e.revokedAt, e.reason);
+  return writer.finish();
 }
 
 /** The TBSCertList (RFC 5280 §5.1.2), version 2. */
@@ -171,7 +288,7 @@ export function encodeTbsCertList(spec: CrlSpec): Buffer {
     spec.issuer,
     time(spec.thisUpdate),
     time(spec.nextUpdate),
-    encodeRevokedCertificates(spec.entries),
+    spec.entries instanceof RevokedListWriter ? spec.entries.finish() : encodeRevokedCertificates(spec.entries),
     ctx(0, seq(...extensions)),
   );
 }
