@@ -18,9 +18,10 @@ import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './comm
 import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
 import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
 import { crlShowCommand } from './commands/crl.js';
-import { connectCheckCommand } from './commands/connect.js';
 import { webhookAddCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookListCommand, webhookRetryCommand } from './commands/webhook.js';
 import { expiryCommand } from './commands/expiry.js';
+import { connectCheckCommand } from './commands/connect.js';
+import { brokerMosquittoCommand, brokerMosquittoCrlCommand } from './commands/broker.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -32,6 +33,7 @@ const COMMANDS: readonly Command[] = [
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
   agentEnrollCommand, agentReenrollCommand, crlShowCommand,
   webhookAddCommand, webhookListCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookRetryCommand, expiryCommand,
+  brokerMosquittoCommand, brokerMosquittoCrlCommand,
   connectCheckCommand,
 ];
 

@@ -9,12 +9,13 @@ import { REQUEST_TIMEOUT_MS, startServers } from '../../server/servers.js';
 import { DEFAULT_EST_PER_CLIENT_PER_MINUTE } from '../../protocols/est/routes.js';
 import { HallmarkError } from '../../errors.js';
 import { actor, flag, intOption, readPassphrase, str, type Command } from '../io.js';
+import { keepMosquittoInStep } from '../../broker/mosquitto.js';
 
 export const serveCommand: Command = {
   name: 'serve',
   summary: 'serve the authority: EST enrolment and the admin API over HTTPS, public data over plain HTTP',
   usage: `Usage: hallmark serve [--home DIR] [--port 8443] [--http-port 8080] [--host 127.0.0.1] [--passphrase-file FILE] [--dev]
-                     [--est-per-client N] [--request-timeout SECONDS]
+                     [--est-per-client N] [--request-timeout SECONDS] [--broker-dir DIR]
 
 HTTPS (TLS 1.2 and 1.3, client certificates requested but optional) serves EST enrolment under
 /.well-known/est (RFC 7030) and the admin API under /api/v1 (bearer tokens; OpenAPI at
@@ -24,11 +25,12 @@ GET /healthz. The root key is never needed.
 --est-per-client N       EST requests per minute per client address (default ${DEFAULT_EST_PER_CLIENT_PER_MINUTE}; 0: no limit,
                          e.g. behind a load balancer that hides client addresses)
 --request-timeout S      a request must arrive whole within S seconds (default ${REQUEST_TIMEOUT_MS / 1000}); slow clients are cut off
+--broker-dir DIR         keep the CRL of a "hallmark broker mosquitto" configuration current (on revocation, hourly; SIGHUP)
 
 --dev: when the home is not initialised, create a DEVELOPMENT authority there first (org
 "Hallmark Development"; passphrase from HALLMARK_PASSPHRASE, or generated and stored in
 <home>/${HOME_FILES.devPassphrase}). Never use a development authority in production.`,
-  options: { port: { type: 'string' }, 'http-port': { type: 'string' }, host: { type: 'string' }, 'passphrase-file': { type: 'string' }, dev: { type: 'boolean' }, 'est-per-client': { type: 'string' }, 'request-timeout': { type: 'string' } },
+  options: { port: { type: 'string' }, 'http-port': { type: 'string' }, host: { type: 'string' }, 'passphrase-file': { type: 'string' }, dev: { type: 'boolean' }, 'est-per-client': { type: 'string' }, 'request-timeout': { type: 'string' }, 'broker-dir': { type: 'string' } },
   async run(args) {
     const home = resolveHome(str(args, 'home'));
     const estPerClientPerMinute = intOption(args, 'est-per-client');
@@ -62,12 +64,14 @@ GET /healthz. The root key is never needed.
       requestTimeoutMs: requestTimeout === undefined ? undefined : requestTimeout * 1000,
     });
     log.info({ https: servers.httpsUrl, http: servers.httpUrl, store: authority.store.describe() }, 'hallmark serving');
+    const stopBroker = str(args, 'broker-dir') ? keepMosquittoInStep(authority, str(args, 'broker-dir')!, { onError: (err) => log.warn({ err }, 'broker CRL refresh failed') }) : undefined;
     await new Promise<void>((resolve) => {
       const stop = () => resolve();
       process.once('SIGINT', stop);
       process.once('SIGTERM', stop);
     });
     log.info('shutting down');
+    stopBroker?.();
     await servers.close();
     await authority.close();
     return 0;
