@@ -8,7 +8,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Authority } from '../authority/authority.js';
 import { HOME_FILES } from '../authority/home.js';
@@ -56,6 +56,11 @@ export const BODY_LIMIT = 256 * 1024;
 /** Unknown body fields are an error, not silently dropped (Fastify's default removes them). */
 const AJV_OPTIONS = { customOptions: { removeAdditional: false, coerceTypes: 'array' as const, allErrors: false } };
 
+function accessLog(request: FastifyRequest, reply: FastifyReply, done: () => void): void {
+  request.log.info({ method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 }, 'request');
+  done();
+}
+
 export async function buildHttpsApp(authority: Authority, logger: Logger, options: HttpsAppOptions = {}): Promise<FastifyInstance> {
   const key = await authority.fileKeys.privateKeyObject(authority.config.tls.keyRef);
   const chain = readFileSync(join(authority.home, HOME_FILES.tlsChain), 'utf8');
@@ -86,10 +91,7 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
     keepAliveTimeout: 10_000,
   }) as unknown as FastifyInstance; // routes are written against the plain instance type; TLS is transparent to them
   installErrorHandling(app);
-  app.addHook('onResponse', (request, reply, done) => {
-    request.log.info({ method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 }, 'request');
-    done();
-  });
+  app.addHook('onResponse', accessLog);
   await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);
@@ -99,8 +101,10 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
 }
 
 export async function buildHttpApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
-  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS }) as unknown as FastifyInstance;
+  // One access-log line per request (OCSP and CRL fetches are frequent), as on the HTTPS listener.
+  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS, disableRequestLogging: true }) as unknown as FastifyInstance;
   installErrorHandling(app);
+  app.addHook('onResponse', accessLog);
   registerPublicRoutes(app, authority);
   await registerOcspRoutes(app, authority);
   registerCrlRoutes(app, authority);

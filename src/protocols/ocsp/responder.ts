@@ -110,6 +110,9 @@ const MALFORMED = encodeOcspStatusResponse('malformedRequest');
 const UNAUTHORIZED = encodeOcspStatusResponse('unauthorized');
 const INTERNAL_ERROR = encodeOcspStatusResponse('internalError');
 
+/** Parsed nonce-free requests kept by their bytes (see respond()). */
+const PARSED_MEMO_ENTRIES = 20_000;
+
 export class OcspResponder {
   readonly authority: Authority;
   readonly stats: OcspStats = { requests: 0, signatures: 0, cacheHits: 0, cacheMisses: 0, backgroundRefreshes: 0, invalidations: 0, malformed: 0, unauthorized: 0, internalErrors: 0 };
@@ -178,16 +181,28 @@ export class OcspResponder {
   // ------------------------------------------------------------ answering
 
   /** Answers one DER OCSPRequest. Never throws: failures are OCSP error statuses. */
+  readonly #parsed = new Map<string, ParsedOcspRequest>();
+
   async respond(requestDer: Buffer): Promise<OcspAnswer> {
     this.stats.requests++;
     // Taken before anything is read from the store: a revocation after this point keeps this answer out of the cache.
     const epoch = this.#epoch;
-    let request: ParsedOcspRequest;
-    try {
-      request = parseOcspRequest(requestDer);
-    } catch {
-      this.stats.malformed++;
-      return { der: MALFORMED, status: 'malformedRequest', cacheable: false, fromCache: false };
+    // Relying parties ask the same question again and again (the same bytes: one CertID, no nonce). Parsing
+    // it with the ASN.1 schema library was the largest single cost of a cached answer, so the parsed form
+    // of recent nonce-free requests is kept by their bytes (bounded; a parse is pure, so it never goes stale).
+    const memoKey = requestDer.length <= 512 ? requestDer.toString('latin1') : undefined;
+    let request = memoKey === undefined ? undefined : this.#parsed.get(memoKey);
+    if (!request) {
+      try {
+        request = parseOcspRequest(requestDer);
+      } catch {
+        this.stats.malformed++;
+        return { der: MALFORMED, status: 'malformedRequest', cacheable: false, fromCache: false };
+      }
+      if (memoKey !== undefined && !request.nonce && request.certIds.length === 1) {
+        if (this.#parsed.size >= PARSED_MEMO_ENTRIES) this.#parsed.clear();
+        this.#parsed.set(memoKey, request);
+      }
     }
     try {
       return await this.#answer(request, epoch);
