@@ -16,7 +16,7 @@ import { manifestImportCommand, manifestSignCommand } from './commands/manifest.
 import { revokeCommand } from './commands/revoke.js';
 import { claimCreateCommand, claimListCommand, claimRevokeCommand } from './commands/claim.js';
 import { enrolmentApproveCommand, enrolmentListCommand, enrolmentRejectCommand } from './commands/enrolment.js';
-import { agentEnrollCommand, agentReenrollCommand } from './commands/agent.js';
+import { agentEnrollCommand, agentReenrollCommand, agentRunCommand } from './commands/agent.js';
 import { crlShowCommand } from './commands/crl.js';
 import { webhookAddCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookListCommand, webhookRetryCommand } from './commands/webhook.js';
 import { expiryCommand } from './commands/expiry.js';
@@ -31,7 +31,7 @@ const COMMANDS: readonly Command[] = [
   deviceRegisterCommand, deviceShowCommand, deviceListCommand, deviceTransferCommand, deviceSuspendCommand, deviceResumeCommand, deviceDecommissionCommand,
   vendorAddCommand, vendorListCommand, manifestImportCommand, manifestSignCommand,
   revokeCommand, claimCreateCommand, claimListCommand, claimRevokeCommand, enrolmentListCommand, enrolmentApproveCommand, enrolmentRejectCommand,
-  agentEnrollCommand, agentReenrollCommand, crlShowCommand,
+  agentEnrollCommand, agentReenrollCommand, agentRunCommand, crlShowCommand,
   webhookAddCommand, webhookListCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookRetryCommand, expiryCommand,
   brokerMosquittoCommand, brokerMosquittoCrlCommand,
   connectCheckCommand,

@@ -10,6 +10,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { enrol, reenrol, renewIfDue, verifyCaCertificates, type EnrolmentInfo } from '../../src/agent/agent.js';
+import { normaliseSerialHex } from '../../src/pki/certificate.js';
 import { challengePasswordAttribute, openDeviceKey, type DeviceKey } from '../../src/agent/device-key.js';
 import { EstClient, EstClientError } from '../../src/agent/est-client.js';
 import { Authority } from '../../src/authority/authority.js';
@@ -226,7 +227,7 @@ describe('device agent (EST client) against a running server', () => {
     assert.ok(!told.renewed && Math.abs(told.dueAt.getTime() - (Date.parse(first.notBefore) + 5 * 86400e3)) < 120e3, !told.renewed ? told.reason : '');
     // Seven days on (the certificate's recorded validity moved back), both agree: renewed.
     await authority.store.db.updateTable('certificates').set({ not_before: new Date(Date.now() - 7 * 86400e3).toISOString(), not_after: new Date(Date.now() + 3 * 86400e3).toISOString() })
-      .where('serial', '=', first.serial.toLowerCase().replace(/^0+/, '')).execute();
+      .where('serial', '=', normaliseSerialHex(first.serial)).execute();
     const late = await renewIfDue({ server: server(), trust: rootPem, key, stateDir, now: new Date(Date.now() + 7 * 86400e3) });
     assert.equal(late.renewed, true);
     assert.notEqual(late.renewed && late.info.serial, first.serial);

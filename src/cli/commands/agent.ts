@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { reenrol, enrol, renewIfDue, type EnrolmentInfo } from '../../agent/agent.js';
 import { openDeviceKey, type DeviceKey } from '../../agent/device-key.js';
 import { EstClientError } from '../../agent/est-client.js';
+import { runAgent, type ConnectedEvent, type HeartbeatEvent, type RefusedEvent } from '../../agent/run.js';
 import { HallmarkError } from '../../errors.js';
 import { flag, info, out, required, str, UsageError, type Command, type ParsedArgs } from '../io.js';
 
@@ -187,6 +188,87 @@ replaces DIR/cert.pem and DIR/chain.pem. Neither key is written.
         return 0;
       } finally {
         await newKey?.close();
+        await key.close();
+      }
+    });
+  },
+};
+
+/** "30s", "2m", "500ms", "1h" or plain seconds. */
+function parseDuration(text: string, what: string): number {
+  const m = /^(\d{1,7})(ms|s|m|h)?$/.exec(text.trim());
+  if (!m) throw new UsageError(`${what} must be a duration such as 30s, 2m, 500ms: ${JSON.stringify(text)}`);
+  const n = Number(m[1]);
+  const ms = n * ({ ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] ?? 's'] ?? 1000);
+  if (ms < 100) throw new UsageError(`${what} must be at least 100ms`);
+  return ms;
+}
+
+export const agentRunCommand: Command = {
+  name: 'agent run',
+  summary: 'device side: enrol if needed, stay connected to the MQTT broker, heartbeat, renew and reconnect',
+  usage: `Usage: hallmark agent run --server URL --broker mqtts://HOST:PORT --trust ROOT.pem --key FILE|pkcs11:URI --out DIR
+                         [--claim ID:SECRET | --claim-file FILE] [--heartbeat 30s] [--renew-after 66%]
+
+Runs until SIGINT or SIGTERM. When DIR holds no certificate it enrols first (with the claim when given,
+else with the registered key alone). Then it connects to the broker over TLS with DIR/cert.pem and the
+key, trusting ONLY --trust (a broker whose certificate does not chain to it is refused), publishes
+{"udid","at","serial"} to devices/<UDID>/heartbeat every --heartbeat (QoS 1), renews the certificate
+inside its window (after --renew-after of its lifetime, when the server agrees) and reconnects with it,
+and reconnects with backoff (1 s doubling up to 60 s) whenever the connection drops or is refused.
+Events are printed one a line (--json: JSON objects).
+  ${KEY_HELP}
+  ${COMMON}
+  --broker URL             mqtts://HOST[:PORT] (default port 8883)
+  --out DIR                state directory (cert.pem, chain.pem, enrolment.json)
+  --claim ID:SECRET        a claim for the first enrolment; better --claim-file FILE or HALLMARK_CLAIM
+  --heartbeat DURATION     e.g. 30s (default), 2m, 500ms
+  --renew-after N%         the device's renewal threshold (default 66%)`,
+  options: { ...common, broker: { type: 'string' }, claim: { type: 'string' }, 'claim-file': { type: 'string' }, heartbeat: { type: 'string' }, 'renew-after': { type: 'string' } },
+  async run(args) {
+    const usage = this.usage;
+    return guarded(this.name, async () => {
+      const keySpec = required(args, 'key', usage);
+      const stateDir = required(args, 'out', usage);
+      const broker = required(args, 'broker', usage);
+      const server = serverOptions(args, usage);
+      const claimFile = str(args, 'claim-file');
+      const claim = str(args, 'claim') ?? (claimFile ? secretFromFile(claimFile, 'the claim file') : process.env.HALLMARK_CLAIM || undefined);
+      if (claim !== undefined && !/^[^:\s]+:\S+$/.test(claim)) throw new UsageError('the claim must be ID:SECRET');
+      const heartbeatText = str(args, 'heartbeat');
+      const heartbeatMs = heartbeatText === undefined ? undefined : parseDuration(heartbeatText, '--heartbeat');
+      const renewText = str(args, 'renew-after');
+      const m = renewText === undefined ? undefined : /^(\d{1,2})%?$/.exec(renewText.trim());
+      if (renewText !== undefined && !m) throw new UsageError(`--renew-after must be a percentage 0-99: ${JSON.stringify(renewText)}`);
+      if (!/^mqtts:\/\//i.test(broker)) throw new UsageError(`--broker must be mqtts://HOST:PORT\n\n${usage}`);
+      const json = flag(args, 'json');
+      const key = await openKey(args, keySpec);
+      try {
+        const agent = runAgent({ ...server, key, stateDir, broker, claim, heartbeatMs, renewAfterPercent: m ? Number(m[1]) : undefined });
+        const print = (event: string, text: string, data: Record<string, unknown>): void => {
+          if (json) out(JSON.stringify({ event, at: new Date().toISOString(), ...data }));
+          else out(`${new Date().toISOString()} ${text}`);
+        };
+        const brief = (i: EnrolmentInfo): Record<string, unknown> => ({ udid: i.udid, serial: i.serial, notAfter: i.notAfter, authenticator: i.authenticator });
+        agent.events.on('enrolled', (i: EnrolmentInfo) => print('enrolled', `enrolled ${i.udid} (${i.authenticator}), serial ${i.serial}, valid until ${i.notAfter}`, brief(i)));
+        agent.events.on('renewed', (i: EnrolmentInfo) => print('renewed', `renewed: serial ${i.serial}, valid until ${i.notAfter}; reconnecting`, brief(i)));
+        agent.events.on('connected', (c: ConnectedEvent) => print('connected', `connected to ${c.broker} as ${c.udid} (serial ${c.serial})`, { ...c }));
+        agent.events.on('heartbeat', (h: HeartbeatEvent) => print('heartbeat', `heartbeat ${h.topic}`, { ...h }));
+        agent.events.on('refused', (r: RefusedEvent) => print('refused', `refused (${r.by}): ${r.reason}`, { ...r }));
+        agent.events.on('error', (err: Error) => {
+          const code = (err as { code?: unknown }).code;
+          if (json) out(JSON.stringify({ event: 'error', at: new Date().toISOString(), message: err.message, ...(code !== undefined ? { code } : {}) }));
+          else info(`hallmark agent run: ${err.message}${code !== undefined ? ` [${String(code)}]` : ''}`);
+        });
+        const signal = await new Promise<NodeJS.Signals>((resolve) => {
+          const on = (s: NodeJS.Signals): void => { process.off('SIGINT', on); process.off('SIGTERM', on); resolve(s); };
+          process.on('SIGINT', on);
+          process.on('SIGTERM', on);
+        });
+        info(`hallmark agent run: ${signal}, stopping`);
+        await agent.stop();
+        return 0;
+      } finally {
         await key.close();
       }
     });
