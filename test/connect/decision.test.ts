@@ -116,6 +116,17 @@ forEachDialect('connection decision', async (t: TestContext, target: StoreTarget
       await fresh.close();
     });
 
+    await t.test('a forged certificate that ends like a cached one (same signature bytes) is not taken for it', async () => {
+      const d = await device();
+      assert.equal((await checker.check([d.leaf])).code, 'OK');
+      // Change one byte of the subject: the DER keeps the cached certificate's length and last bytes.
+      const forged = Buffer.from(d.leaf);
+      forged[forged.length - 120]! ^= 0x01;
+      assert.equal(checker.checkCached([forged]), undefined, 'not a warm hit');
+      const r = await checker.check([forged]);
+      assert.equal(r.allowed, false, r.reason);
+    });
+
     await t.test("a product's policy gives the device's permissions ({udid} filled in)", async () => {
       const d = await device('lamp');
       const r = await checker.check([d.leaf]);
