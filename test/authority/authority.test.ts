@@ -17,15 +17,11 @@ import { CertificateRecorder } from '../../src/store/certificate-recorder.js';
 import type { Store } from '../../src/store/database.js';
 import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { generateKey, opensslCsr, opensslVerify, writePems } from '../pki/fixtures.js';
+import { hasCode } from '../helpers/assertions.js';
 
 const PASSPHRASE = 'authority test passphrase';
 const ORG = 'Acme Test';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${err instanceof Error ? err.stack : String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 function deviceCsrPem(cn: string, key: KeyObject = generateKey('ecdsa-p256').privateKey): string {
   return encodePem('CERTIFICATE REQUEST', createCsr({ subject: encodeNameString(`CN=${cn},O=${ORG}`), privateKey: key }));

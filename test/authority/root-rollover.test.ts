@@ -22,15 +22,11 @@ import { parseCrl, verifyCrlSignature } from '../../src/protocols/crl/crl.js';
 import { caCertificates } from '../../src/protocols/est/routes.js';
 import { decodeCertsOnly, encodeCertsOnly } from '../../src/protocols/est/wire.js';
 import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
+import { hasCode } from '../helpers/assertions.js';
 
 const PASSPHRASE = 'root rollover test passphrase';
 const ACTOR = 'cli:test';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 interface DeviceKey { readonly privateKey: KeyObject; readonly spki: Buffer; readonly udid: string }
 function newKey(): DeviceKey {

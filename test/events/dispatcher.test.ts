@@ -17,16 +17,12 @@ import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
 import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { deadPort, startReceiver, type Receiver } from './receiver.js';
+import { hasCode } from '../helpers/assertions.js';
 
 const PASSPHRASE = 'webhook test passphrase';
 const ACTOR = 'cli:test';
 const EVENTS: WebhookEvent[] = ['issued', 'revoked', 'quota-exceeded', 'clone-detected'];
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 interface DeviceKey { readonly privateKey: KeyObject; readonly spki: Buffer; readonly udid: string }
 function newKey(): DeviceKey {

@@ -8,6 +8,7 @@ import { ecdsaDerToRaw, ecdsaRawToDer } from '../../src/pki/ecdsa-signature.js';
 import type { KeyRef } from '../../src/keys/key-backend.js';
 import { Pkcs11KeyBackend, formatPkcs11Uri, parsePkcs11Uri } from '../../src/keys/pkcs11-backend.js';
 import { createSoftHsmToken, softHsmAvailable, type SoftHsmToken } from '../helpers/softhsm.js';
+import { hasCode } from '../helpers/assertions.js';
 
 const SOFTHSM_MISSING = 'softhsm2 not installed: apt-get install softhsm2';
 const available = softHsmAvailable();
@@ -20,11 +21,6 @@ function requireSoftHsm(t: TestContext): boolean {
   return false;
 }
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 function verifies(alg: KeyAlgorithm, spki: Buffer, data: Buffer, signature: Buffer): boolean {
   return nodeVerify(signingSchemeFor(alg).hash, data, publicKeyFromSpki(spki), signature);

@@ -5,11 +5,6 @@ import {
   TAG, children, decodeOid, decodeTime, expectTlv, oid, readTlv, readWhole, seq, smallInteger, time, tlv, unsignedInteger,
 } from '../../src/pki/der.js';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 const hex = (h: string): Buffer => Buffer.from(h.replace(/\s/g, ''), 'hex');
 
@@ -208,6 +203,7 @@ describe('malformed DER -> BAD_DER', () => {
 import { test as impossibleDateTest } from 'node:test';
 import assertDates from 'node:assert/strict';
 import { decodeTime as decodeTimeForRegression, readTlv as readTlvForRegression } from '../../src/pki/der.js';
+import { hasCode } from '../helpers/assertions.js';
 
 impossibleDateTest('impossible dates in a UTCTime or GeneralizedTime are malformed (were rolled over into later dates)', () => {
   for (const [tag, text] of [[0x17, '261321000000Z'], [0x17, '261132000000Z'], [0x18, '20260230120000Z'], [0x17, '261121240000Z'], [0x17, '261121126000Z']] as const) {

@@ -6,11 +6,6 @@ import {
   EXT, KEY_USAGE_BITS, basicConstraints, decodeBasicConstraints, decodeKeyUsage, generalNames, keyUsage, nameConstraints, subjectAltName,
 } from '../../src/pki/extensions.js';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 /** The extnValue (inside the OCTET STRING) and criticality of a DER Extension. */
 function parts(ext: Buffer): { oid: string; critical: boolean; value: Buffer } {
@@ -106,6 +101,7 @@ describe('nameConstraints', () => {
 import { test as zoneTest } from 'node:test';
 import assertZone from 'node:assert/strict';
 import { subjectAltName as sanForZone } from '../../src/pki/extensions.js';
+import { hasCode } from '../helpers/assertions.js';
 
 zoneTest('an IPv6 address with a zone id is refused (the zone was silently dropped)', () => {
   assertZone.throws(() => sanForZone({ ip: ['fe80::1%eth0'] }), { code: 'BAD_REQUEST' });

@@ -4,11 +4,6 @@ import { HallmarkError, type ErrorCode } from '../../src/errors.js';
 import { TAG, oid, seq, set, tlv, utf8String } from '../../src/pki/der.js';
 import { commonNameOf, decodeName, encodeName, encodeNameString, nameToString, parseNameString } from '../../src/pki/names.js';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 describe('distinguished names: text -> DER -> text', () => {
   test('order is kept, one attribute per RDN, with the right string types', () => {
@@ -152,6 +147,7 @@ describe('decoding names written by others', () => {
 import { test as regression } from 'node:test';
 import assertStrict from 'node:assert/strict';
 import { encodeNameString as encodeForRegression, nameToString as nameToStringForRegression, parseNameString as parseForRegression } from '../../src/pki/names.js';
+import { hasCode } from '../helpers/assertions.js';
 
 regression('escaped leading and trailing spaces are kept (were trimmed, so a name did not round-trip)', () => {
   assertStrict.deepEqual(parseForRegression('CN=\\ x\\ ,O=Acme'), [{ type: 'CN', value: ' x ' }, { type: 'O', value: 'Acme' }]);

@@ -4,12 +4,8 @@ import { describe, test } from 'node:test';
 import { HallmarkError, type ErrorCode } from '../../src/errors.js';
 import { seq, tlv, TAG } from '../../src/pki/der.js';
 import { SIZE_LIMITS, decodeOne, decodePemBlocks, encodePem } from '../../src/pki/pem.js';
+import { hasCode } from '../helpers/assertions.js';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 const CSR_LABELS = ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'] as const;
 /** A DER SEQUENCE of about `n` bytes (starts with 0x30 like every certificate and CSR). */

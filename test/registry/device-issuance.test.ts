@@ -19,16 +19,12 @@ import { encodePem } from '../../src/pki/pem.js';
 import type { Store } from '../../src/store/database.js';
 import { forEachDialect, type StoreTarget, withDatabaseUrl } from '../helpers/db.js';
 import { openssl, opensslText, opensslVerify, writePems } from '../pki/fixtures.js';
+import { hasCode } from '../helpers/assertions.js';
 
 const PASSPHRASE = 'device issuance test passphrase';
 const ORG = 'Acme Devices';
 const ACTOR = 'cli:test';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${err instanceof Error ? err.stack : String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 async function initOn(target: StoreTarget, home: string, rootDir: string): Promise<void> {
   await withDatabaseUrl(target.url, () => initAuthority({ home, rootDir, org: ORG, passphrase: PASSPHRASE, keyBackend: 'file', actor: ACTOR, tlsDnsNames: ['ca.test'] }));

@@ -10,12 +10,8 @@ import { Store, nowIso, redactUrl } from '../../src/store/database.js';
 import type { NewCertificateRow } from '../../src/store/schema.js';
 import { forEachDialect } from '../helpers/db.js';
 import { tempDirFor } from '../helpers/tmp.js';
+import { hasCode } from '../helpers/assertions.js';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${err instanceof Error ? err.stack : String(err)}`);
-  assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
-  return true;
-};
 
 /** A raw unique-constraint violation from either driver. */
 const isUniqueViolation = (err: unknown): boolean => {

@@ -11,6 +11,7 @@ import { encodeNameString } from '../../../src/pki/names.js';
 import { seq, smallInteger, tlv } from '../../../src/pki/der.js';
 import { CRL_EXT, encodeCrl, parseCrl, verifyCrlSignature, type CrlEntry, type CrlSpec } from '../../../src/protocols/crl/crl.js';
 import { loadPeculiarX509, memorySigner, openssl } from '../../pki/fixtures.js';
+import { hasCode } from '../../helpers/assertions.js';
 
 const signer = memorySigner('ecdsa-p256');
 const ISSUER = encodeNameString('CN=Test Issuing CA,O=Test Org');
@@ -23,11 +24,6 @@ const spec = (over: Partial<CrlSpec> = {}): CrlSpec => ({
 });
 const make = (over: Partial<CrlSpec> = {}): Promise<Buffer> => encodeCrl(spec(over), (tbs) => signer.sign(tbs));
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, err.message);
-  return true;
-};
 
 const ENTRIES: CrlEntry[] = [
   { serialHex: '7f01020304050607', revokedAt: new Date('2029-12-31T00:00:00Z'), reason: 'keyCompromise' },

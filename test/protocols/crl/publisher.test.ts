@@ -15,14 +15,10 @@ import { parseCertificate } from '../../../src/pki/certificate.js';
 import { parseCrl, verifyCrlSignature } from '../../../src/protocols/crl/crl.js';
 import { forEachDialect, withDatabaseUrl, type StoreTarget } from '../../helpers/db.js';
 import { ACTOR, eventually, issueDevices } from './setup.js';
+import { hasCode } from '../../helpers/assertions.js';
 
 const PASSPHRASE = 'crl publisher test passphrase';
 
-const hasCode = (code: ErrorCode) => (err: unknown): boolean => {
-  assert.ok(err instanceof HallmarkError, `expected a HallmarkError, got ${String(err)}`);
-  assert.equal(err.code, code, err.message);
-  return true;
-};
 
 forEachDialect('CRL publisher', async (t: TestContext, target: StoreTarget) => {
   const home = join(target.dir, 'home');
