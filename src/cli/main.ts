@@ -22,6 +22,8 @@ import { webhookAddCommand, webhookDeliveriesCommand, webhookDisableCommand, web
 import { expiryCommand } from './commands/expiry.js';
 import { connectCheckCommand } from './commands/connect.js';
 import { brokerMosquittoCommand, brokerMosquittoCrlCommand } from './commands/broker.js';
+import { demoCommand } from './commands/demo.js';
+import { simulateCommand } from './commands/simulate.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -35,6 +37,8 @@ const COMMANDS: readonly Command[] = [
   webhookAddCommand, webhookListCommand, webhookDeliveriesCommand, webhookDisableCommand, webhookRetryCommand, expiryCommand,
   brokerMosquittoCommand, brokerMosquittoCrlCommand,
   connectCheckCommand,
+  demoCommand,
+  simulateCommand,
 ];
 
 function overview(): string {
