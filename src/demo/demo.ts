@@ -11,7 +11,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -23,6 +23,7 @@ import { createLogger } from '../log.js';
 import { encodePem } from '../pki/pem.js';
 import { startServers, type RunningServers } from '../server/servers.js';
 import { connectOnce, Fleet, formatStats, type FleetStats } from './simulator.js';
+import { freePort } from '../net.js';
 
 export const MOSQUITTO_BINARY = '/usr/sbin/mosquitto';
 const ACTOR = 'demo';
@@ -71,17 +72,6 @@ export interface DemoSummary extends FleetStats {
     readonly mosquittoPub?: { readonly refused: boolean; readonly exitCode: number | null; readonly output: string };
   };
   readonly durationMs: number;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => (port === 1883 || port === 8883 ? freePort().then(resolve, reject) : resolve(port)));
-    });
-  });
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

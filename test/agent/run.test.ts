@@ -12,7 +12,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { appendFile } from 'node:fs/promises';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { EnrolmentInfo } from '../../src/agent/agent.js';
@@ -25,6 +25,7 @@ import { createLogger } from '../../src/log.js';
 import { startServers, type RunningServers } from '../../src/server/servers.js';
 import { createTestAuthority, type TestAuthority } from '../helpers/authority.js';
 import { makeTempDir, type TempDir } from '../helpers/tmp.js';
+import { freePort } from '../../src/net.js';
 
 const MOSQUITTO = '/usr/sbin/mosquitto';
 const haveMosquitto = existsSync(MOSQUITTO);
@@ -32,17 +33,6 @@ const skip = !haveMosquitto && process.env.CI !== 'true' ? 'mosquitto not instal
 const ACTOR = 'test';
 const DAY = 86400e3;
 const REPO = resolve(fileURLToPath(import.meta.url), '../../../..');
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => (port === 1883 || port === 8883 ? freePort().then(resolve, reject) : resolve(port)));
-    });
-  });
-}
 
 class Broker {
   child: ChildProcess | undefined;

@@ -17,7 +17,7 @@ import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_proces
 import { createHash, generateKeyPairSync } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { Authority, type IssuedCertificate } from '../../src/authority/authority.js';
 import { keepMosquittoInStep, refreshMosquittoCrl, writeMosquittoConfig, type MosquittoConfig } from '../../src/broker/mosquitto.js';
@@ -26,6 +26,7 @@ import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
 import { createTestAuthority, type TestAuthority } from '../helpers/authority.js';
 import { makeTempDir, type TempDir } from '../helpers/tmp.js';
+import { freePort } from '../../src/net.js';
 
 const MOSQUITTO = '/usr/sbin/mosquitto';
 const haveMosquitto = existsSync(MOSQUITTO) && spawnSync('mosquitto_pub', ['--help']).error === undefined && spawnSync('mosquitto_sub', ['--help']).error === undefined;
@@ -41,17 +42,6 @@ function run(cmd: string, args: string[], timeoutMs = 15000): Promise<Run> {
       resolve({ code, stdout, stderr });
     });
     child.stdin?.end(); // openssl s_client reads stdin
-  });
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => (port === 1883 || port === 8883 ? freePort().then(resolve, reject) : resolve(port)));
-    });
   });
 }
 
