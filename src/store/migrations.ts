@@ -278,6 +278,48 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.alterTable('products').dropColumn('policy').execute();
       },
     },
+    '0005_stamps': {
+      async up(db: Kysely<unknown>) {
+        // One `hallmark stamp generate` invocation (and its resumptions): what was asked, where it writes.
+        await db.schema.createTable('stamp_runs')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('batch_id', 'text', (c) => c.notNull().references('batches.id'))
+          .addColumn('requested', 'integer', (c) => c.notNull())
+          .addColumn('formats', 'text', (c) => c.notNull())
+          .addColumn('out_dir', 'text', (c) => c.notNull())
+          // SHA-256 of the factory key's SPKI when the run writes one encrypted archive (--encrypt-to).
+          .addColumn('encrypt_to', 'text')
+          .addColumn('status', 'text', (c) => c.notNull().check(sql`status in ('running', 'complete')`))
+          .addColumn('created_by', 'text', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('completed_at', 'text')
+          .execute();
+        // One stamped device. `pending` holds the stamp's secrets (device and onboarding keys, PoP secret)
+        // encrypted under a key derived from the authority's key store, from the commit that records the
+        // certificate until its files are written; then it is cleared. A kill between the two loses nothing.
+        await db.schema.createTable('stamps')
+          .addColumn('udid', 'text', (c) => c.primaryKey().references('devices.udid'))
+          .addColumn('run_id', 'text', (c) => c.notNull().references('stamp_runs.id'))
+          .addColumn('batch_id', 'text', (c) => c.notNull().references('batches.id'))
+          .addColumn('seq', 'integer', (c) => c.notNull())
+          .addColumn('certificate_serial', 'text', (c) => c.notNull())
+          .addColumn('pending', binary)
+          .addColumn('written_at', 'text')
+          // Reported back by the factory (hallmark stamp flashed).
+          .addColumn('flashed_at', 'text')
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addUniqueConstraint('stamps_batch_seq_unique', ['batch_id', 'seq'])
+          .execute();
+        await db.schema.createIndex('stamps_run_pending').on('stamps').columns(['run_id', 'written_at']).execute();
+        // Serial numbers are what a label shows: one device per serial.
+        await db.schema.createIndex('devices_serial_number').on('devices').column('serial_number').execute();
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.dropIndex('devices_serial_number').execute();
+        await db.schema.dropTable('stamps').execute();
+        await db.schema.dropTable('stamp_runs').execute();
+      },
+    },
   };
 }
 

@@ -208,6 +208,32 @@ export interface CursorsTable { name: string; value: string; updated_at: string 
 
 export interface ClaimUsesTable { claim_id: string; udid: string; at: string }
 
+export interface StampRunsTable {
+  id: string;
+  batch_id: string;
+  requested: number;
+  /** Comma-separated format names (json, tlv, nvs). */
+  formats: string;
+  out_dir: string;
+  encrypt_to: string | null;
+  status: 'running' | 'complete';
+  created_by: string;
+  created_at: string;
+  completed_at: string | null;
+}
+
+export interface StampsTable {
+  udid: string;
+  run_id: string;
+  batch_id: string;
+  seq: number;
+  certificate_serial: string;
+  pending: Buffer | null;
+  written_at: string | null;
+  flashed_at: string | null;
+  created_at: string;
+}
+
 export interface Database {
   certificate_authorities: CertificateAuthoritiesTable;
   certificates: CertificatesTable;
@@ -227,6 +253,8 @@ export interface Database {
   webhooks: WebhooksTable;
   webhook_deliveries: WebhookDeliveriesTable;
   cursors: CursorsTable;
+  stamp_runs: StampRunsTable;
+  stamps: StampsTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;
