@@ -56,6 +56,8 @@ export interface CertificateOrder {
   readonly altNames?: AltNames;
   readonly pathLen?: number;
   readonly permittedDns?: readonly string[];
+  /** CA profiles: permitted directoryName subtrees (encoded Names), e.g. a factory station's batch. */
+  readonly permittedDirectoryNames?: readonly Buffer[];
 }
 
 export interface SignedCertificate {
@@ -98,6 +100,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     altNames: order.altNames,
     pathLen: order.pathLen,
     permittedDns: order.permittedDns,
+    permittedDirectoryNames: order.permittedDirectoryNames,
     pointers: ca.pointers,
   });
   const issuer = selfSigned ? order.subject : ca.subject;
@@ -119,7 +122,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     pathLen: profile.ca ? order.pathLen : undefined,
     subjectKeyKind: order.subjectKeyKind,
     altNamesPresent: !!a && [a.dns, a.ip, a.uri, a.email].some((l) => (l?.length ?? 0) > 0),
-    nameConstraintsPresent: (order.permittedDns?.length ?? 0) > 0,
+    nameConstraintsPresent: (order.permittedDns?.length ?? 0) + (order.permittedDirectoryNames?.length ?? 0) > 0,
     pointerExtensions: pointerExtensions(profile, ca.pointers),
   });
   return { der, parsed, serialHex };
