@@ -24,6 +24,8 @@ import { connectCheckCommand } from './commands/connect.js';
 import { brokerMosquittoCommand, brokerMosquittoCrlCommand } from './commands/broker.js';
 import { demoCommand } from './commands/demo.js';
 import { simulateCommand } from './commands/simulate.js';
+import { stampFlashedCommand, stampGenerateCommand, stampStatusCommand } from './commands/stamp.js';
+import { stampFactoryKeyCommand, stampInspectCommand, stampOpenCommand } from './commands/stamp-files.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -39,6 +41,8 @@ const COMMANDS: readonly Command[] = [
   connectCheckCommand,
   demoCommand,
   simulateCommand,
+  stampGenerateCommand, stampStatusCommand, stampFlashedCommand,
+  stampInspectCommand, stampFactoryKeyCommand, stampOpenCommand,
 ];
 
 function overview(): string {

@@ -7,7 +7,7 @@
 //                     under the data key, bound (GCM AAD) to its id, algorithm and public key.
 // No private key is ever written in clear; the files contain no PEM private-key block.
 
-import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, generateKeyPair, randomBytes, scrypt, sign as cryptoSign, type KeyObject } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, createPrivateKey, hkdfSync, createPublicKey, generateKeyPair, randomBytes, scrypt, sign as cryptoSign, type KeyObject } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile, access } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -192,6 +192,16 @@ export class FileKeyBackend implements KeyBackend {
    */
   async privateKeyObject(ref: KeyRef): Promise<KeyObject> {
     return (await this.#privateKey(ref)).key;
+  }
+
+  /**
+   * A 256-bit key for one purpose, derived (HKDF-SHA256) from the key store's data key: data the
+   * authority must keep encrypted at rest for a while (a stamp run's secrets until their files are
+   * written) without a key of its own. Different purposes give independent keys; only a process
+   * holding the passphrase can derive them.
+   */
+  deriveKey(purpose: string): Buffer {
+    return Buffer.from(hkdfSync('sha256', this.#dataKey, Buffer.from('hallmark-keystore-derived-v1'), Buffer.from(purpose, 'utf8'), 32));
   }
 
   async close(): Promise<void> {

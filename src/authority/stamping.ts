@@ -1,0 +1,547 @@
+// Factory stamps ("Company B", issue 6): the authority makes N devices for a batch — key pair,
+// onboarding key, PoP secret, serial number, operational certificate — registers each device and
+// records each certificate, and only then writes the stamp files (or one archive encrypted to the
+// factory). Part of the authority core: it signs and it writes devices and certificates.
+//
+// Durability and resumption. Work goes in chunks. A chunk's devices, certificates, audit entries and
+// stamp rows commit in one transaction, the stamp's secrets (device key, onboarding key, PoP secret)
+// with them, encrypted under a key derived from the authority's key store (never in clear on disk).
+// The files are written after the commit; the secrets are cleared once they are. A kill -9 at any
+// moment leaves either nothing of a chunk or a committed chunk whose stamps are still `pending`;
+// running the same command again finds the unfinished run, rewrites the pending stamps from the
+// stored secrets, and carries on. No registered device is ever without its recorded certificate.
+//
+// Speed. Key generation, X25519 onboarding keys and certificate signatures run on the libuv thread
+// pool (both cores) while the event loop commits the previous chunk and writes its files: the next
+// chunk is prepared while the current one is stored.
+
+import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, generateKeyPair, randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import type { Transaction } from 'kysely';
+import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
+import { HallmarkError } from '../errors.js';
+import { createArchiveWriter } from '../factory/archive.js';
+import { formatByName } from '../factory/formats/index.js';
+import { batchSummaryCsvHeader, batchSummaryCsvLine } from '../factory/formats/json.js';
+import { STAMP_VERSION, madeByThisAuthority, qrPayloadFor, type Stamp, type StampFormat } from '../factory/stamp.js';
+import { sha256Fingerprint } from '../pki/certificate.js';
+import { nameToString } from '../pki/names.js';
+import { DEFAULT_TENANT, udidOfKey } from '../registry/registry.js';
+import { nowIso, type Dialect } from '../store/database.js';
+import { rawSql } from '../store/raw-sql.js';
+import type { Database } from '../store/schema.js';
+import type { Authority } from './authority.js';
+import { signCertificate, type SigningCa } from './certificate-signer.js';
+import { deviceSubject, deviceUris } from './device-names.js';
+import { profileByName } from './profiles.js';
+
+export type StampFormatName = 'json' | 'tlv' | 'nvs';
+
+export interface StampGenerateOptions {
+  readonly batch: string;
+  readonly count: number;
+  readonly outDir: string;
+  readonly formats: readonly StampFormatName[];
+  /** The factory's public key (SPKI DER): write one archive encrypted to it instead of clear files. */
+  readonly encryptTo?: Buffer;
+  readonly actor: string;
+  /** Devices per transaction (default 256). */
+  readonly chunkSize?: number;
+  readonly onProgress?: (progress: StampProgress) => void;
+}
+
+export interface StampProgress {
+  /** Stamps of this run written so far (earlier invocations included). */
+  readonly done: number;
+  readonly total: number;
+}
+
+export interface StampRunReport {
+  readonly runId: string;
+  readonly batch: string;
+  readonly requested: number;
+  /** True when an unfinished run was found and carried on. */
+  readonly resumed: boolean;
+  /** Committed stamps of an earlier, interrupted invocation whose files this one wrote. */
+  readonly rewritten: number;
+  /** New devices made by this invocation. */
+  readonly generated: number;
+  readonly outDir: string;
+  readonly summaryCsv: string;
+  readonly archive?: string;
+  readonly seconds: number;
+}
+
+const DEFAULT_CHUNK = 256;
+const MAX_COUNT = 10_000_000;
+const PENDING_PURPOSE = 'stamp-pending-v1';
+/** File writes in flight at once. */
+const WRITE_CONCURRENCY = 32;
+
+interface StampContext {
+  readonly batchId: string;
+  readonly quota: number;
+  readonly issuedCount: number;
+  readonly expiresAt: string | null;
+  readonly productId: number;
+  readonly productName: string;
+  readonly profile: string;
+  readonly validityDays: number;
+  readonly allowServerKeygen: boolean;
+  readonly lineId: number;
+  readonly lineName: string;
+  readonly caName: string;
+}
+
+/** One prepared stamp: made and signed, not yet stored. */
+interface Prepared {
+  readonly seq: number;
+  readonly stamp: Stamp;
+  readonly spki: Buffer;
+  readonly serialHex: string;
+  readonly fingerprint: string;
+  readonly subjectText: string;
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+}
+
+export function stampSerialNumber(batchId: string, seq: number): string {
+  return `${batchId.replace(/^b-/, '').toUpperCase()}-${String(seq).padStart(6, '0')}`;
+}
+
+async function stampContext(authority: Authority, batchId: string): Promise<StampContext> {
+  const row = await authority.store.db.selectFrom('batches as b')
+    .innerJoin('products as p', 'p.id', 'b.product_id')
+    .innerJoin('lines as l', 'l.id', 'b.line_id')
+    .innerJoin('certificate_authorities as ca', 'ca.id', 'l.ca_id')
+    .select(['b.id', 'b.quota', 'b.issued_count', 'b.expires_at', 'p.id as product_id', 'p.name as product_name', 'p.profile', 'p.validity_days', 'p.allow_server_keygen', 'l.id as line_id', 'l.name as line_name', 'ca.name as ca_name'])
+    .where('b.id', '=', batchId).executeTakeFirst();
+  if (!row) throw new HallmarkError('BATCH_NOT_FOUND', `no batch ${JSON.stringify(batchId)}`);
+  return {
+    batchId: row.id, quota: Number(row.quota), issuedCount: Number(row.issued_count), expiresAt: row.expires_at, productId: Number(row.product_id), productName: row.product_name,
+    profile: row.profile, validityDays: Number(row.validity_days), allowServerKeygen: !!Number(row.allow_server_keygen), lineId: Number(row.line_id), lineName: row.line_name, caName: row.ca_name,
+  };
+}
+
+// ---------------------------------------------------------------- secrets at rest between commit and files
+
+function sealPending(key: Buffer, udid: string, stamp: Stamp): Buffer {
+  const parts = [stamp.devicePrivateKeyPkcs8!, stamp.onboardingPrivateKeyPkcs8!, stamp.popSecret];
+  const plain = Buffer.concat(parts.flatMap((p) => { const len = Buffer.alloc(2); len.writeUInt16BE(p.length); return [len, p]; }));
+  const iv = randomBytes(12);
+  const cipher = createCipheriv('aes-256-gcm', key, iv);
+  cipher.setAAD(Buffer.from(`hallmark-stamp-pending|${udid}`));
+  const body = Buffer.concat([cipher.update(plain), cipher.final()]);
+  return Buffer.concat([Buffer.from([1]), iv, cipher.getAuthTag(), body]);
+}
+
+function openPending(key: Buffer, udid: string, blob: Buffer): { devicePrivateKeyPkcs8: Buffer; onboardingPrivateKeyPkcs8: Buffer; popSecret: Buffer } {
+  try {
+    if (blob[0] !== 1 || blob.length < 29) throw new Error('unknown version');
+    const decipher = createDecipheriv('aes-256-gcm', key, blob.subarray(1, 13));
+    decipher.setAAD(Buffer.from(`hallmark-stamp-pending|${udid}`));
+    decipher.setAuthTag(blob.subarray(13, 29));
+    const plain = Buffer.concat([decipher.update(blob.subarray(29)), decipher.final()]);
+    const parts: Buffer[] = [];
+    for (let at = 0; at < plain.length;) {
+      const len = plain.readUInt16BE(at);
+      parts.push(plain.subarray(at + 2, at + 2 + len));
+      at += 2 + len;
+    }
+    if (parts.length !== 3) throw new Error('wrong number of parts');
+    return { devicePrivateKeyPkcs8: parts[0]!, onboardingPrivateKeyPkcs8: parts[1]!, popSecret: parts[2]! };
+  } catch (err) {
+    throw new HallmarkError('STAMP_INVALID', `the stored secrets of stamp ${udid} cannot be opened (was the key store replaced?)`, { cause: err });
+  }
+}
+
+// ---------------------------------------------------------------- making stamps
+
+function keyPair(type: 'ec' | 'x25519'): Promise<{ spki: Buffer; pkcs8: Buffer }> {
+  // Encodings requested here are produced on the thread pool too, not on the event loop.
+  const options = { publicKeyEncoding: { type: 'spki', format: 'der' }, privateKeyEncoding: { type: 'pkcs8', format: 'der' } } as const;
+  return new Promise((resolveKeys, reject) => {
+    const done = (err: Error | null, spki: Buffer, pkcs8: Buffer): void => (err ? reject(err) : resolveKeys({ spki, pkcs8 }));
+    if (type === 'ec') generateKeyPair('ec', { namedCurve: 'P-256', ...options }, done);
+    else generateKeyPair('x25519', options, done);
+  });
+}
+
+interface Maker {
+  readonly ctx: StampContext;
+  readonly issuer: SigningCa & { readonly chain: readonly Buffer[] };
+  readonly org: string;
+}
+
+async function makeStamp(maker: Maker, seq: number): Promise<Prepared> {
+  const { ctx, issuer } = maker;
+  const [device, onboarding] = await Promise.all([keyPair('ec'), keyPair('x25519')]);
+  const popSecret = randomBytes(16);
+  const udid = udidOfKey(device.spki);
+  const serialNumber = stampSerialNumber(ctx.batchId, seq);
+  const profile = profileByName(ctx.profile);
+  const subject = deviceSubject({ udid, serialNumber }, ctx.productName, maker.org);
+  const signed = await signCertificate(issuer, {
+    profile, subject, subjectPublicKeyInfo: device.spki, subjectKeyKind: 'ecdsa-p256', validityDays: ctx.validityDays,
+    altNames: profile.subjectAltName === 'none' ? undefined : { uri: deviceUris({ udid, serialNumber }) },
+  });
+  const onboardingHash = createHash('sha256').update(onboarding.spki).digest().subarray(0, 16);
+  const stamp: Stamp = madeByThisAuthority({
+    version: STAMP_VERSION, serialNumber, udid, company: maker.org, product: ctx.productName, batch: ctx.batchId,
+    devicePrivateKeyPkcs8: device.pkcs8, certificateDer: signed.der, chainDer: issuer.chain, popSecret,
+    onboardingPublicKeySpki: onboarding.spki, onboardingPrivateKeyPkcs8: onboarding.pkcs8,
+    qrPayload: qrPayloadFor(serialNumber, ctx.productName, popSecret, onboardingHash),
+  });
+  return {
+    seq, stamp, spki: device.spki, serialHex: signed.serialHex, fingerprint: sha256Fingerprint(signed.der), subjectText: nameToString(subject),
+    notBefore: signed.parsed.notBefore, notAfter: signed.parsed.notAfter,
+  };
+}
+
+function prepareChunk(maker: Maker, firstSeq: number, n: number): Promise<Prepared[]> {
+  return Promise.all(Array.from({ length: n }, (_, i) => makeStamp(maker, firstSeq + i)));
+}
+
+// ---------------------------------------------------------------- storing
+
+const SQLITE_MAX_PARAMETERS = 32_000;
+
+async function insertRows(trx: Transaction<Database>, dialect: Dialect, table: string, columns: readonly string[], rows: readonly unknown[][]): Promise<void> {
+  const perStatement = Math.max(1, Math.floor(SQLITE_MAX_PARAMETERS / columns.length));
+  const tuple = `(${columns.map(() => '?').join(', ')})`;
+  for (let i = 0; i < rows.length; i += perStatement) {
+    const part = rows.slice(i, i + perStatement);
+    await rawSql(trx, dialect, `insert into ${table} (${columns.join(', ')}) values ${part.map(() => tuple).join(', ')}`, part.flat());
+  }
+}
+
+interface StoreChunkInput {
+  readonly runId: string;
+  readonly ctx: StampContext;
+  readonly issuerId: number;
+  readonly chunk: readonly Prepared[];
+  readonly pendingKey: Buffer;
+  readonly actor: string;
+  /** Stamps of the previous chunk whose files are now written: cleared in the same transaction. */
+  readonly written: readonly string[];
+}
+
+async function storeChunk(authority: Authority, input: StoreChunkInput): Promise<void> {
+  const { ctx, chunk, actor } = input;
+  const dialect = authority.store.dialect;
+  const now = nowIso();
+  await authority.store.writeTransaction(async (trx) => {
+    await markWritten(trx, dialect, input.written, now);
+    // The quota taken for the whole chunk at once, atomically: the UPDATE only applies below quota.
+    const taken = await rawSql(trx, dialect, 'update batches set issued_count = issued_count + ? where id = ? and issued_count + ? <= quota', [chunk.length, ctx.batchId, chunk.length]);
+    if (taken.changed !== 1) throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has no quota left for ${chunk.length} more devices (quota ${ctx.quota}, line ${ctx.lineName})`);
+    await insertRows(trx, dialect, 'devices', ['udid', 'public_key_spki', 'public_key_sha256', 'serial_number', 'product_id', 'line_id', 'batch_id', 'tenant', 'birth_cert_der', 'state', 'created_at', 'updated_at', 'provisioned_at'],
+      chunk.map((p) => [p.stamp.udid, p.spki, p.stamp.udid, p.stamp.serialNumber, ctx.productId, ctx.lineId, ctx.batchId, DEFAULT_TENANT, null, 'provisioned', now, now, now]));
+    await insertRows(trx, dialect, 'certificates', ['issuer_id', 'serial', 'profile', 'subject', 'fingerprint_sha256', 'not_before', 'not_after', 'der', 'status', 'revoked_at', 'revocation_reason', 'requested_by', 'created_at', 'device_udid'],
+      chunk.map((p) => [input.issuerId, p.serialHex, ctx.profile, p.subjectText, p.fingerprint, nowIso(p.notBefore), nowIso(p.notAfter), p.stamp.certificateDer, 'valid', null, null, actor, now, p.stamp.udid]));
+    await insertRows(trx, dialect, 'stamps', ['udid', 'run_id', 'batch_id', 'seq', 'certificate_serial', 'pending', 'written_at', 'flashed_at', 'created_at'],
+      chunk.map((p) => [p.stamp.udid, input.runId, ctx.batchId, p.seq, p.serialHex, sealPending(input.pendingKey, p.stamp.udid, p.stamp), null, null, now]));
+    const audit: AuditEvent[] = [];
+    for (const p of chunk) {
+      audit.push({ actor, action: 'device.register', target: p.stamp.udid, details: { batch: ctx.batchId, tenant: DEFAULT_TENANT, serialNumber: p.stamp.serialNumber, source: 'stamp', stampRun: input.runId } });
+      audit.push({ actor, action: 'certificate.issue', target: p.serialHex, details: {
+        device: p.stamp.udid, batch: ctx.batchId, line: ctx.lineName, issuer: ctx.caName, profile: ctx.profile, subject: p.subjectText, fingerprintSha256: p.fingerprint,
+        firstIdentity: true, notAfter: nowIso(p.notAfter), serverKeygen: true, stampRun: input.runId, stampSeq: p.seq,
+      } });
+    }
+    await appendAudit(trx, audit);
+  });
+}
+
+async function markWritten(trx: Transaction<Database>, dialect: Dialect, udids: readonly string[], at: string): Promise<void> {
+  for (let i = 0; i < udids.length; i += 500) {
+    const part = udids.slice(i, i + 500);
+    await rawSql(trx, dialect, `update stamps set pending = null, written_at = ? where udid in (${part.map(() => '?').join(', ')})`, [at, ...part]);
+  }
+}
+
+// ---------------------------------------------------------------- writing files
+
+interface Sink {
+  write(stamps: readonly Stamp[]): Promise<void>;
+}
+
+function fileNames(stamp: Stamp, formats: readonly StampFormat[]): { name: string; format: StampFormat }[] {
+  return formats.map((format) => ({ name: `${stamp.serialNumber}${format.extension}`, format }));
+}
+
+function plainSink(outDir: string, formats: readonly StampFormat[]): Sink {
+  return {
+    async write(stamps) {
+      const jobs = stamps.flatMap((stamp) => fileNames(stamp, formats).map((f) => ({ ...f, stamp })));
+      let next = 0;
+      const worker = async (): Promise<void> => {
+        for (let i = next++; i < jobs.length; i = next++) {
+          const job = jobs[i]!;
+          // 0600: the file holds the device's private key.
+          await writeFile(join(outDir, job.name), job.format.encode(job.stamp), { mode: 0o600 });
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(WRITE_CONCURRENCY, jobs.length) }, worker));
+    },
+  };
+}
+
+// ---------------------------------------------------------------- the run
+
+interface RunRow { id: string; requested: number; formats: string; out_dir: string; encrypt_to: string | null }
+
+async function openRun(authority: Authority, ctx: StampContext, options: StampGenerateOptions, outDir: string, encryptTo: string | null): Promise<{ run: RunRow; resumed: boolean }> {
+  const formats = options.formats.join(',');
+  const existing = await authority.store.db.selectFrom('stamp_runs').select(['id', 'requested', 'formats', 'out_dir', 'encrypt_to']).where('batch_id', '=', ctx.batchId).where('status', '=', 'running').executeTakeFirst();
+  if (existing) {
+    const differs = [
+      existing.out_dir !== outDir && `it writes to ${existing.out_dir}`,
+      Number(existing.requested) !== options.count && `it was asked for ${existing.requested} stamps`,
+      existing.formats !== formats && `its formats are ${existing.formats}`,
+      existing.encrypt_to !== encryptTo && (existing.encrypt_to ? 'it is encrypted to another factory key' : 'it is not encrypted'),
+    ].filter(Boolean);
+    if (differs.length > 0) {
+      throw new HallmarkError('STAMP_RUN_UNFINISHED', `batch ${ctx.batchId} has an unfinished stamp run ${existing.id} (${differs.join('; ')}): run the same command again to finish it first`);
+    }
+    await authority.audit([{ actor: options.actor, action: 'stamp.resume', target: existing.id, details: { batch: ctx.batchId } }]);
+    return { run: { ...existing, requested: Number(existing.requested) }, resumed: true };
+  }
+  const left = ctx.quota - ctx.issuedCount;
+  if (options.count > left) {
+    await authority.audit([{ actor: options.actor, action: 'issuance.quota_exceeded', target: ctx.batchId, details: { batch: ctx.batchId, requested: options.count, left, source: 'stamp' } }]);
+    throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has ${left} of its quota of ${ctx.quota} left; ${options.count} stamps were asked for (line ${ctx.lineName})`);
+  }
+  const run: RunRow = { id: `s-${randomBytes(6).toString('hex')}`, requested: options.count, formats, out_dir: outDir, encrypt_to: encryptTo };
+  await authority.store.writeTransaction(async (trx) => {
+    await trx.insertInto('stamp_runs').values({ ...run, batch_id: ctx.batchId, status: 'running', created_by: options.actor, created_at: nowIso(), completed_at: null }).execute();
+    if (!(await trx.selectFrom('tenants').select('name').where('name', '=', DEFAULT_TENANT).executeTakeFirst())) await trx.insertInto('tenants').values({ name: DEFAULT_TENANT, created_at: nowIso() }).execute();
+    await appendAudit(trx, [{ actor: options.actor, action: 'stamp.start', target: run.id, details: { batch: ctx.batchId, count: options.count, formats, outDir, encryptedToFactoryKey: encryptTo } }]);
+  });
+  return { run, resumed: false };
+}
+
+/** The stamps an interrupted invocation committed but did not write, rebuilt from the store, in pages. */
+async function* pendingStamps(authority: Authority, runId: string, ctx: StampContext, org: string, chain: readonly Buffer[], pendingKey: Buffer): AsyncGenerator<Stamp[]> {
+  let after = 0;
+  for (;;) {
+    const rows = await authority.store.db.selectFrom('stamps as s')
+      .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
+      .innerJoin('devices as d', 'd.udid', 's.udid')
+      .select(['s.udid', 's.seq', 's.pending', 'c.der', 'd.serial_number', 'd.public_key_spki'])
+      .where('s.run_id', '=', runId).where('s.written_at', 'is', null).where('s.seq', '>', after).orderBy('s.seq').limit(256).execute();
+    if (rows.length === 0) return;
+    const out: Stamp[] = [];
+    for (const r of rows) {
+      if (!r.pending) throw new HallmarkError('STAMP_INVALID', `stamp ${r.udid} is neither written nor pending`);
+      const secrets = openPending(pendingKey, r.udid, Buffer.from(r.pending));
+      const onboardingSpki = onboardingPublicKey(secrets.onboardingPrivateKeyPkcs8);
+      out.push({
+        version: STAMP_VERSION, serialNumber: r.serial_number!, udid: r.udid, company: org, product: ctx.productName, batch: ctx.batchId,
+        devicePrivateKeyPkcs8: secrets.devicePrivateKeyPkcs8, certificateDer: Buffer.from(r.der), chainDer: chain, popSecret: secrets.popSecret,
+        onboardingPublicKeySpki: onboardingSpki, onboardingPrivateKeyPkcs8: secrets.onboardingPrivateKeyPkcs8,
+        qrPayload: qrPayloadFor(r.serial_number!, ctx.productName, secrets.popSecret, createHash('sha256').update(onboardingSpki).digest().subarray(0, 16)),
+      });
+      after = Number(r.seq);
+    }
+    yield out;
+  }
+}
+
+/** The X25519 onboarding key's public half (SPKI), from its PKCS#8. */
+function onboardingPublicKey(pkcs8: Buffer): Buffer {
+  return createPublicKey(createPrivateKey({ key: pkcs8, format: 'der', type: 'pkcs8' })).export({ type: 'spki', format: 'der' });
+}
+
+async function writeSummary(authority: Authority, runId: string, path: string): Promise<Buffer> {
+  // Written from the store (not as files are written), so a resumed run's summary has each stamp once.
+  const lines: string[] = [batchSummaryCsvHeader()];
+  const file = await open(`${path}.partial`, 'w', 0o644);
+  const chunks: Buffer[] = [];
+  try {
+    let after = 0;
+    for (;;) {
+      const rows = await authority.store.db.selectFrom('stamps as s')
+        .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
+        .innerJoin('devices as d', 'd.udid', 's.udid')
+        .select(['s.seq', 's.udid', 'd.serial_number', 'c.fingerprint_sha256'])
+        .where('s.run_id', '=', runId).where('s.seq', '>', after).orderBy('s.seq').limit(2000).execute();
+      if (rows.length === 0) break;
+      for (const r of rows) lines.push(batchSummaryCsvLine({ serialNumber: r.serial_number!, udid: r.udid }, r.fingerprint_sha256));
+      after = Number(rows.at(-1)!.seq);
+      const data = Buffer.from(lines.join(''), 'utf8');
+      chunks.push(data);
+      await file.write(data);
+      lines.length = 0;
+    }
+    if (lines.length) { const data = Buffer.from(lines.join(''), 'utf8'); chunks.push(data); await file.write(data); }
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await rename(`${path}.partial`, path);
+  return Buffer.concat(chunks);
+}
+
+/**
+ * Generates (or resumes) a batch's stamps. Refuses beyond the batch quota before making anything,
+ * when the product does not allow authority-made keys, or when the batch has expired.
+ */
+export async function generateStamps(authority: Authority, options: StampGenerateOptions): Promise<StampRunReport> {
+  const started = performance.now();
+  if (!Number.isInteger(options.count) || options.count < 1 || options.count > MAX_COUNT) throw new HallmarkError('BAD_REQUEST', `the count must be a whole number from 1 to ${MAX_COUNT.toLocaleString('en')}`);
+  if (options.formats.length === 0) throw new HallmarkError('BAD_REQUEST', 'at least one stamp format is needed (json, tlv, nvs)');
+  const formats = [...new Set(options.formats)].map((f) => formatByName(f));
+  const ctx = await stampContext(authority, options.batch);
+  if (!ctx.allowServerKeygen) throw new HallmarkError('SERVER_KEYGEN_NOT_ALLOWED', `product ${ctx.productName} does not allow keys made by the authority, which stamps carry (hallmark product create --allow-server-keygen)`);
+  if (ctx.expiresAt && new Date(ctx.expiresAt) <= new Date()) throw new HallmarkError('BATCH_EXPIRED', `batch ${ctx.batchId} expired at ${ctx.expiresAt}`);
+  const outDir = resolve(options.outDir);
+  const encryptTo = options.encryptTo ? createHash('sha256').update(options.encryptTo).digest('hex') : null;
+  const issuer = await authority.signingCa(ctx.caName);
+  const { run, resumed } = await openRun(authority, ctx, options, outDir, encryptTo);
+  await mkdir(outDir, { recursive: true, mode: 0o700 });
+  const pendingKey = authority.fileKeys.deriveKey(PENDING_PURPOSE);
+  const maker: Maker = { ctx, issuer, org: authority.config.org };
+
+  // An encrypted run writes one archive per invocation; a torn one from a killed invocation is removed.
+  let archive: Awaited<ReturnType<typeof createArchiveWriter>> | undefined;
+  let archivePath: string | undefined;
+  if (options.encryptTo) {
+    for (const name of await readdir(outDir)) if (name.startsWith(`stamps-${run.id}`) && name.endsWith('.partial')) await rm(join(outDir, name), { force: true });
+    const parts = (await readdir(outDir)).filter((n) => n.startsWith(`stamps-${run.id}-`) && n.endsWith('.hsa')).length;
+    archivePath = join(outDir, `stamps-${run.id}-${parts + 1}.hsa`);
+    archive = await createArchiveWriter({
+      path: archivePath, recipientPublicKeySpki: options.encryptTo, signer: issuer.signer, signerCertificateChain: issuer.chain,
+      info: { batch: ctx.batchId, run: run.id, part: parts + 1, product: ctx.productName, formats: run.formats },
+    });
+  }
+  const sink: Sink = archive
+    ? { async write(stamps) { for (const s of stamps) for (const f of fileNames(s, formats)) await archive!.add(f.name, f.format.encode(s)); } }
+    : plainSink(outDir, formats);
+
+  try {
+    const counts = await authority.store.db.selectFrom('stamps').select((eb) => [eb.fn.countAll<number>().as('made'), eb.fn.count<number>('written_at').as('written'), eb.fn.max<number>('seq').as('last')])
+      .where('run_id', '=', run.id).executeTakeFirstOrThrow();
+    let made = Number(counts.made);
+    let done = Number(counts.written);
+    options.onProgress?.({ done, total: run.requested });
+
+    // 1. What an interrupted invocation committed but did not write.
+    let rewritten = 0;
+    for await (const stamps of pendingStamps(authority, run.id, ctx, authority.config.org, issuer.chain, pendingKey)) {
+      await sink.write(stamps);
+      if (!archive) await authority.store.writeTransaction((trx) => markWritten(trx, authority.store.dialect, stamps.map((s) => s.udid), nowIso()));
+      rewritten += stamps.length;
+      done += stamps.length;
+      options.onProgress?.({ done, total: run.requested });
+    }
+
+    // 2. The rest, chunk by chunk: the next chunk is made while this one is stored and written.
+    const lastSeq = await authority.store.db.selectFrom('stamps').select((eb) => eb.fn.max<number>('seq').as('last')).where('batch_id', '=', ctx.batchId).executeTakeFirstOrThrow();
+    let nextSeq = Number(lastSeq.last ?? 0) + 1;
+    const chunkSize = Math.max(1, Math.min(options.chunkSize ?? DEFAULT_CHUNK, 2000));
+    let generated = 0;
+    let written: string[] = [];
+    const issuerId = Number(issuer.row.id);
+    const take = (): Promise<Prepared[]> | undefined => {
+      const n = Math.min(chunkSize, run.requested - made);
+      if (n <= 0) return undefined;
+      const p = prepareChunk(maker, nextSeq, n);
+      nextSeq += n;
+      made += n;
+      return p;
+    };
+    let preparing = take();
+    while (preparing) {
+      const chunk = await preparing;
+      preparing = take();
+      // A failure in the chunk being prepared must not surface as an unhandled rejection while this one is stored.
+      preparing?.catch(() => {});
+      await storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: archive ? [] : written });
+      await sink.write(chunk.map((p) => p.stamp));
+      written = chunk.map((p) => p.stamp.udid);
+      generated += chunk.length;
+      done += chunk.length;
+      options.onProgress?.({ done, total: run.requested });
+    }
+
+    // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
+    const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
+    const summary = await writeSummary(authority, run.id, summaryCsv);
+    if (archive) {
+      await archive.add(`stamps-${run.id}.csv`, summary);
+      await archive.finish();
+    }
+    await authority.store.writeTransaction(async (trx) => {
+      if (archive) await rawSql(trx, authority.store.dialect, 'update stamps set pending = null, written_at = ? where run_id = ? and written_at is null', [nowIso(), run.id]);
+      else await markWritten(trx, authority.store.dialect, written, nowIso());
+      await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: nowIso() }).where('id', '=', run.id).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'stamp.complete', target: run.id, details: { batch: ctx.batchId, stamps: run.requested, generatedNow: generated, rewritten, archive: archivePath ?? null } }]);
+    });
+    return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten, generated, outDir, summaryCsv, ...(archivePath ? { archive: archivePath } : {}), seconds: (performance.now() - started) / 1000 };
+  } catch (err) {
+    await archive?.abort().catch(() => {});
+    throw err;
+  }
+}
+
+export interface StampStatus {
+  readonly batch: string;
+  readonly quota: number;
+  readonly issued: number;
+  readonly stamped: number;
+  readonly written: number;
+  readonly flashed: number;
+  /** Stamped devices that have since obtained another certificate themselves (EST re-enrolment). */
+  readonly enrolled: number;
+  readonly runs: { readonly id: string; readonly status: string; readonly requested: number; readonly outDir: string; readonly createdAt: string; readonly completedAt: string | null }[];
+}
+
+export async function stampStatus(authority: Authority, batchId: string): Promise<StampStatus> {
+  const ctx = await stampContext(authority, batchId);
+  const db = authority.store.db;
+  const counts = await db.selectFrom('stamps').select((eb) => [eb.fn.countAll<number>().as('stamped'), eb.fn.count<number>('written_at').as('written'), eb.fn.count<number>('flashed_at').as('flashed')])
+    .where('batch_id', '=', batchId).executeTakeFirstOrThrow();
+  const enrolled = await db.selectFrom('stamps as s').innerJoin('certificates as c', 'c.device_udid', 's.udid')
+    .select((eb) => eb.fn.count<number>('s.udid').distinct().as('n'))
+    .where('s.batch_id', '=', batchId).whereRef('c.serial', '<>', 's.certificate_serial').executeTakeFirstOrThrow();
+  const runs = await db.selectFrom('stamp_runs').select(['id', 'status', 'requested', 'out_dir', 'created_at', 'completed_at']).where('batch_id', '=', batchId).orderBy('created_at').execute();
+  return {
+    batch: batchId, quota: ctx.quota, issued: ctx.issuedCount, stamped: Number(counts.stamped), written: Number(counts.written), flashed: Number(counts.flashed), enrolled: Number(enrolled.n),
+    runs: runs.map((r) => ({ id: r.id, status: r.status, requested: Number(r.requested), outDir: r.out_dir, createdAt: r.created_at, completedAt: r.completed_at })),
+  };
+}
+
+/**
+ * The factory reports which stamps it flashed (serial numbers or UDIDs). Unknown ones are returned,
+ * not guessed; flashing twice keeps the first time.
+ */
+export async function markFlashed(authority: Authority, batchId: string, identifiers: readonly string[], actor: string): Promise<{ marked: number; already: number; unknown: string[] }> {
+  await stampContext(authority, batchId);
+  const dialect = authority.store.dialect;
+  const unique = [...new Set(identifiers.map((s) => s.trim()).filter(Boolean))];
+  let marked = 0;
+  let already = 0;
+  const unknown: string[] = [];
+  await authority.store.writeTransaction(async (trx) => {
+    const now = nowIso();
+    for (let i = 0; i < unique.length; i += 400) {
+      const part = unique.slice(i, i + 400);
+      const marks = part.map(() => '?').join(', ');
+      const rows = (await rawSql<{ udid: string; serial_number: string | null; flashed_at: string | null }>(trx, dialect,
+        `select s.udid, d.serial_number, s.flashed_at from stamps s join devices d on d.udid = s.udid where s.batch_id = ? and (s.udid in (${marks}) or d.serial_number in (${marks}))`, [batchId, ...part, ...part])).rows;
+      const known = new Set(rows.flatMap((r) => [r.udid, r.serial_number ?? '']));
+      unknown.push(...part.filter((p) => !known.has(p)));
+      const fresh = rows.filter((r) => !r.flashed_at).map((r) => r.udid);
+      already += rows.length - fresh.length;
+      for (let j = 0; j < fresh.length; j += 400) {
+        const f = fresh.slice(j, j + 400);
+        await rawSql(trx, dialect, `update stamps set flashed_at = ? where udid in (${f.map(() => '?').join(', ')})`, [now, ...f]);
+      }
+      marked += fresh.length;
+    }
+    await appendAudit(trx, [{ actor, action: 'stamp.flashed', target: batchId, details: { marked, already, unknown: unknown.length } }]);
+  });
+  return { marked, already, unknown };
+}
