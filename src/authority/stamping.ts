@@ -242,14 +242,15 @@ async function storeChunk(authority: Authority, input: StoreChunkInput): Promise
       chunk.map((p) => [input.issuerId, p.serialHex, ctx.profile, p.subjectText, p.fingerprint, nowIso(p.notBefore), nowIso(p.notAfter), p.stamp.certificateDer, 'valid', null, null, actor, now, p.stamp.udid]));
     await insertRows(trx, dialect, 'stamps', ['udid', 'run_id', 'batch_id', 'seq', 'certificate_serial', 'pending', 'written_at', 'flashed_at', 'created_at'],
       chunk.map((p) => [p.stamp.udid, input.runId, ctx.batchId, p.seq, p.serialHex, sealPending(input.pendingKey, p.stamp.udid, p.stamp), null, null, now]));
-    const audit: AuditEvent[] = [];
-    for (const p of chunk) {
-      audit.push({ actor, action: 'device.register', target: p.stamp.udid, details: { batch: ctx.batchId, tenant: DEFAULT_TENANT, serialNumber: p.stamp.serialNumber, source: 'stamp', stampRun: input.runId } });
-      audit.push({ actor, action: 'certificate.issue', target: p.serialHex, details: {
+    // One entry per device records both changes — its registration (registered: 'stamp', serial number,
+    // tenant) and its certificate — which halves the audit rows of a run of 100,000.
+    const audit: AuditEvent[] = chunk.map((p) => ({
+      actor, action: 'certificate.issue', target: p.serialHex, details: {
         device: p.stamp.udid, batch: ctx.batchId, line: ctx.lineName, issuer: ctx.caName, profile: ctx.profile, subject: p.subjectText, fingerprintSha256: p.fingerprint,
-        firstIdentity: true, notAfter: nowIso(p.notAfter), serverKeygen: true, stampRun: input.runId, stampSeq: p.seq,
-      } });
-    }
+        firstIdentity: true, notAfter: nowIso(p.notAfter), serverKeygen: true, registered: 'stamp', serialNumber: p.stamp.serialNumber, tenant: DEFAULT_TENANT,
+        stampRun: input.runId, stampSeq: p.seq,
+      },
+    }));
     await appendAudit(trx, audit);
   });
 }
