@@ -19,7 +19,7 @@
 //              and CRLs made by other processes (a count of revoked rows; the latest stored number).
 //
 // Only issuing CAs (role intermediate, active, key online) get CRLs here; the offline root's CRL is a
-// root ceremony step.
+// root ceremony step, and a factory station's CA (key in the station's token) gets none: NOT_FOUND.
 
 import type { EventEmitter } from 'node:events';
 import { appendAudit } from '../audit/audit-log.js';
@@ -118,6 +118,9 @@ const toRecord = (ca: string, row: { ca_id: number; number: number; kind: CrlKin
 /** Why a CA gets no CRL here, or undefined when it does. */
 export function crlIneligibility(row: CaRow, now = new Date()): HallmarkError | undefined {
   if (row.role === 'root') return new HallmarkError('NOT_FOUND', `no CRL is published here for the offline root ${row.name}: the root's CRL is made in the root ceremony`);
+  // A factory station's CA (src/authority/station.ts): its key is in the station's token, so no CRL can be
+  // signed for it online. Its revoked devices are refused through the registry (the connection checker).
+  if (row.status === 'active' && row.certificate_der && !row.key_ref) return new HallmarkError('NOT_FOUND', `no CRL is published for CA ${row.name}: its key is offline (a factory station's token), so its CRL cannot be signed here; its revoked devices are refused through the registry`);
   if (row.status !== 'active' || !row.certificate_der || !row.key_ref) return new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} is ${row.status}: only active issuing CAs publish CRLs`);
   if (row.not_after && new Date(row.not_after) <= now) return new HallmarkError('CA_NOT_ACTIVE', `CA ${row.name} has expired`);
   return undefined;
@@ -218,7 +221,11 @@ export class CrlPublisher {
     const t = setTimeout(() => {
       this.#debounces.delete(event.issuer);
       if (this.#stopped) return;
-      this.current(event.issuer, 'delta').catch((err: unknown) => this.#o.logger?.warn({ err, ca: event.issuer }, 'delta CRL after revocation failed'));
+      this.current(event.issuer, 'delta').catch((err: unknown) => {
+        // A CA that publishes no CRL here (the offline root, a factory station's CA): nothing to update.
+        if (err instanceof HallmarkError && err.code === 'NOT_FOUND') return;
+        this.#o.logger?.warn({ err, ca: event.issuer }, 'delta CRL after revocation failed');
+      });
     }, this.#o.debounceMs);
     t.unref();
     this.#debounces.set(event.issuer, t);

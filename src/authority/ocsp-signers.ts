@@ -63,7 +63,9 @@ export function needsRenewal(notAfter: Date, caNotAfter: Date | null, now: Date,
 async function findOrCreate(authority: Authority, ca: string, options: OcspSignerOptions): Promise<OcspSigner> {
   const now = options.now ?? new Date();
   const caRow = await authority.directory.caRow(ca);
-  if (caRow.role === 'root' || !caRow.key_ref) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${ca} is the offline root: it has no online OCSP signer`);
+  if (caRow.role === 'root') throw new HallmarkError('CA_NOT_ACTIVE', `CA ${ca} is the offline root: it has no online OCSP signer`);
+  // A factory station's CA: its key is in the station's token, so it cannot certify an OCSP signer here.
+  if (!caRow.key_ref) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${ca} has no key online (a factory station's CA): it has no OCSP signer`);
   if (caRow.status !== 'active' || !caRow.certificate_der) throw new HallmarkError('CA_NOT_ACTIVE', `CA ${ca} is ${caRow.status}`);
   const caNotAfter = caRow.not_after ? new Date(caRow.not_after) : null;
   const caCert = parseCertificate(Buffer.from(caRow.certificate_der));

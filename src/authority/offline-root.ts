@@ -206,8 +206,25 @@ export class OfflineRoot {
 
   get certificateDer(): Buffer { return this.certificate.der; }
 
-  /** Signs an intermediate CA request. The subject is the one in the CSR, shown to the ceremony operator. */
-  async signIntermediate(options: { csr: string | Buffer; pathLen?: number; validityDays?: number; permittedDns?: readonly string[] }): Promise<{ der: Buffer; serial: string; subject: string }> {
+  /**
+   * Signs an intermediate CA request. The subject is the one in the CSR, shown to the ceremony operator.
+   * permittedDns / permittedDirectoryNames add critical name constraints (a factory station's sub-CA may
+   * name only devices under its batch's DN); notAfter cuts the validity at that instant (the station
+   * package's validUntil) and must lie within the root's own validity.
+   */
+  async signIntermediate(options: {
+    csr: string | Buffer; pathLen?: number; validityDays?: number; permittedDns?: readonly string[]; permittedDirectoryNames?: readonly string[]; notAfter?: Date;
+  }): Promise<{ der: Buffer; serial: string; subject: string; notAfter: Date }> {
+    if (options.notAfter !== undefined && options.validityDays !== undefined) throw new HallmarkError('BAD_REQUEST', 'give either a validity in days or a notAfter date, not both');
+    const cutAt = options.notAfter;
+    if (cutAt !== undefined) {
+      if (Number.isNaN(cutAt.getTime())) throw new HallmarkError('BAD_REQUEST', 'notAfter is not a date');
+      if (cutAt.getTime() <= Date.now()) throw new HallmarkError('BAD_REQUEST', `notAfter ${cutAt.toISOString()} is not in the future`);
+      if (cutAt > this.certificate.notAfter) throw new HallmarkError('BAD_REQUEST', `notAfter ${cutAt.toISOString()} is after the root's own notAfter ${this.certificate.notAfter.toISOString()}`);
+      if (cutAt.getTime() - Date.now() > PROFILES.intermediate.maxValidityDays * 86_400_000 - 600_000) throw new HallmarkError('PROFILE_VIOLATION', `notAfter ${cutAt.toISOString()} is more than ${PROFILES.intermediate.maxValidityDays} days away`);
+    }
+    // Each DN is parsed here, so a typo is refused before anything is signed.
+    const directoryNames = (options.permittedDirectoryNames ?? []).map((dn) => encodeNameString(dn));
     const csr = parseCsr(decodeOne(options.csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr));
     const key = await verifyCsr(csr);
     if (csr.subject.length <= 2) throw new HallmarkError('PROFILE_VIOLATION', 'the CA request has an empty subject');
@@ -216,20 +233,22 @@ export class OfflineRoot {
       const prev = await this.#previousCertificate(p).catch(() => undefined);
       if (prev && csr.subjectPublicKeyInfo.equals(prev.subjectPublicKeyInfo)) throw new HallmarkError('PROFILE_VIOLATION', `the request carries the key of the previous root ${p.name}`);
     }
-    const ca = signingCa(this.certificate.subject, keyIdentifier(this.certificate.subjectPublicKeyInfo), this.#signer, this.certificate.notAfter);
+    // A cut-off date works as the issuer's end does: the certificate never outlives it.
+    const ca = signingCa(this.certificate.subject, keyIdentifier(this.certificate.subjectPublicKeyInfo), this.#signer, cutAt ? minDate(this.certificate.notAfter, cutAt) : this.certificate.notAfter);
     const signed = await signCertificate(ca, {
       profile: PROFILES.intermediate,
       subject: csr.subject,
       subjectPublicKeyInfo: csr.subjectPublicKeyInfo,
       subjectKeyKind: subjectKeyKindOf(key),
       pathLen: options.pathLen ?? 0,
-      validityDays: options.validityDays,
+      validityDays: cutAt ? Math.min(PROFILES.intermediate.maxValidityDays, Math.max(1, Math.ceil((cutAt.getTime() - Date.now()) / 86_400_000) + 1)) : options.validityDays,
       permittedDns: options.permittedDns,
+      permittedDirectoryNames: directoryNames,
     });
     const subject = nameToString(csr.subject);
     // Journal first: a certificate that leaves the ceremony is always on record.
     await this.#journal({ at: new Date().toISOString(), serial: signed.serialHex, profile: 'intermediate', subject, fingerprintSha256: sha256Fingerprint(signed.der), notAfter: signed.parsed.notAfter.toISOString(), issuer: this.name });
-    return { der: signed.der, serial: signed.serialHex, subject };
+    return { der: signed.der, serial: signed.serialHex, subject, notAfter: signed.parsed.notAfter };
   }
 
   /** Name of the current generation ("root", "root-2", ...). */

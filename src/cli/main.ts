@@ -24,6 +24,8 @@ import { connectCheckCommand } from './commands/connect.js';
 import { brokerMosquittoCommand, brokerMosquittoCrlCommand } from './commands/broker.js';
 import { demoCommand } from './commands/demo.js';
 import { simulateCommand } from './commands/simulate.js';
+import { stationExportCommand, stationInitCommand, stationSignCommand, stationStatusCommand } from './commands/station-offline.js';
+import { stationCreateCommand, stationImportCommand, stationInstallCommand, stationListCommand } from './commands/station-online.js';
 import { stampFlashedCommand, stampGenerateCommand, stampStatusCommand } from './commands/stamp.js';
 import { stampFactoryKeyCommand, stampInspectCommand, stampOpenCommand } from './commands/stamp-files.js';
 
@@ -41,6 +43,8 @@ const COMMANDS: readonly Command[] = [
   connectCheckCommand,
   demoCommand,
   simulateCommand,
+  stationCreateCommand, stationInstallCommand, stationImportCommand, stationListCommand,
+  stationInitCommand, stationSignCommand, stationExportCommand, stationStatusCommand,
   stampGenerateCommand, stampStatusCommand, stampFlashedCommand,
   stampInspectCommand, stampFactoryKeyCommand, stampOpenCommand,
 ];

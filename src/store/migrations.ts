@@ -320,6 +320,50 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.dropTable('stamp_runs').execute();
       },
     },
+    '0006_stations': {
+      async up(db: Kysely<unknown>) {
+        // An offline factory station (src/authority/station.ts): a sub-CA whose key lives in a factory's
+        // PKCS#11 token (its CA row has key_ref NULL: the online server never signs with it), a batch and
+        // its quota, and how far its journal has been imported.
+        await db.schema.createTable('stations')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('ca_id', 'integer', (c) => c.notNull().unique().references('certificate_authorities.id'))
+          .addColumn('line_id', 'integer', (c) => c.notNull().references('lines.id'))
+          .addColumn('batch_id', 'text', (c) => c.notNull().unique().references('batches.id'))
+          .addColumn('status', 'text', (c) => c.notNull().check(sql`status in ('pending', 'active')`))
+          .addColumn('quota', 'integer', (c) => c.notNull())
+          .addColumn('valid_until', 'text', (c) => c.notNull())
+          .addColumn('key_uri', 'text', (c) => c.notNull())
+          .addColumn('subject_base', 'text', (c) => c.notNull())
+          .addColumn('device_validity_days', 'integer', (c) => c.notNull())
+          // 1: the package lists the batch's registered devices and only their keys may be signed.
+          .addColumn('registered_only', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('imported_count', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('refused_count', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('last_seq', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('last_import_at', 'text')
+          .addColumn('created_by', 'text', (c) => c.notNull())
+          .addColumn('created_at', 'text', (c) => c.notNull())
+          .addColumn('installed_at', 'text')
+          .execute();
+        // Every imported journal entry, by its sequence number: a journal imported again imports nothing,
+        // and an entry rewritten after its import (another certificate under the same number) is caught.
+        await db.schema.createTable('station_entries')
+          .addColumn('station_id', 'text', (c) => c.notNull().references('stations.id'))
+          .addColumn('seq', 'integer', (c) => c.notNull())
+          .addColumn('serial', 'text', (c) => c.notNull())
+          .addColumn('fingerprint_sha256', 'text', (c) => c.notNull())
+          .addColumn('udid', 'text', (c) => c.notNull())
+          .addColumn('signed_at', 'text', (c) => c.notNull())
+          .addColumn('imported_at', 'text', (c) => c.notNull())
+          .addPrimaryKeyConstraint('station_entries_pk', ['station_id', 'seq'])
+          .execute();
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.dropTable('station_entries').execute();
+        await db.schema.dropTable('stations').execute();
+      },
+    },
   };
 }
 

@@ -234,6 +234,40 @@ export interface StampsTable {
   created_at: string;
 }
 
+export interface StationsTable {
+  id: string;
+  ca_id: number;
+  line_id: number;
+  batch_id: string;
+  status: 'pending' | 'active';
+  quota: number;
+  valid_until: string;
+  /** RFC 7512 URI of the sub-CA key in the factory's token (no PIN, no module path). */
+  key_uri: string;
+  /** The DN every device certificate of the station starts with (then CN=UDID); its name constraint. */
+  subject_base: string;
+  device_validity_days: number;
+  registered_only: Generated<number>;
+  imported_count: Generated<number>;
+  refused_count: Generated<number>;
+  last_seq: Generated<number>;
+  last_import_at: string | null;
+  created_by: string;
+  created_at: string;
+  installed_at: string | null;
+}
+
+export interface StationEntriesTable {
+  station_id: string;
+  seq: number;
+  serial: string;
+  fingerprint_sha256: string;
+  udid: string;
+  /** When the station signed it (the journal entry's `at`). */
+  signed_at: string;
+  imported_at: string;
+}
+
 export interface Database {
   certificate_authorities: CertificateAuthoritiesTable;
   certificates: CertificatesTable;
@@ -255,6 +289,8 @@ export interface Database {
   cursors: CursorsTable;
   stamp_runs: StampRunsTable;
   stamps: StampsTable;
+  stations: StationsTable;
+  station_entries: StationEntriesTable;
 }
 
 export type DeviceRow = Selectable<DevicesTable>;
@@ -268,3 +304,4 @@ export type AuditRow = Selectable<AuditLogTable>;
 export type TokenRow = Selectable<ApiTokensTable>;
 export type ClaimRow = Selectable<ClaimsTable>;
 export type ProductRow = Selectable<ProductsTable>;
+export type StationRow = Selectable<StationsTable>;

@@ -12,30 +12,52 @@ import { UsageError, actor, info, intOption, list, out, readPassphrase, required
 export const rootSignCommand: Command = {
   name: 'root sign',
   summary: 'offline side of the ceremony: sign an intermediate CA request with the root key',
-  usage: `Usage: hallmark root sign --root-dir DIR --csr FILE [--path-len 0] [--days N] [--permit-dns DOMAIN]... [--out FILE]
+  usage: `Usage: hallmark root sign --root-dir DIR --csr FILE [--path-len 0] [--days N | --not-after DATE]
+                         [--permit-dns DOMAIN]... [--permit-dn DN]... [--out FILE]
 
 Needs only the root directory (and its passphrase: --passphrase-file, HALLMARK_ROOT_PASSPHRASE or
 HALLMARK_PASSPHRASE). The certificate is appended to the root's journal (issued.jsonl) before it is
-written. --permit-dns adds critical name constraints.`,
-  options: { 'root-dir': { type: 'string' }, csr: { type: 'string' }, 'path-len': { type: 'string' }, days: { type: 'string' }, 'permit-dns': { type: 'string', multiple: true }, out: { type: 'string' }, 'passphrase-file': { type: 'string' } },
+written. --permit-dns and --permit-dn add critical name constraints: permitted DNS subtrees, and
+permitted directory names ("O=Acme, OU=thermostat, OU=batch b-1234": every certificate below the new CA
+must have a subject under that DN — a factory station's sub-CA). --not-after cuts the validity at DATE
+(ISO 8601, e.g. 2026-06-30T00:00:00Z), instead of --days. hallmark station create prints the whole
+command for a station.`,
+  options: {
+    'root-dir': { type: 'string' }, csr: { type: 'string' }, 'path-len': { type: 'string' }, days: { type: 'string' }, 'permit-dns': { type: 'string', multiple: true },
+    'permit-dn': { type: 'string', multiple: true }, 'not-after': { type: 'string' }, out: { type: 'string' }, 'passphrase-file': { type: 'string' },
+  },
   async run(args) {
     const rootDir = required(args, 'root-dir', this.usage);
     const csrFile = required(args, 'csr', this.usage);
+    const notAfterText = str(args, 'not-after');
+    const notAfter = notAfterText === undefined ? undefined : parseDateOption('not-after', notAfterText);
+    if (notAfter && str(args, 'days') !== undefined) throw new UsageError(`give --days or --not-after, not both\n\n${this.usage}`);
     let csr: Buffer;
     try { csr = await readFile(csrFile); } catch { throw new HallmarkError('BAD_REQUEST', `cannot read ${csrFile}`); }
     const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
     const root = await OfflineRoot.open(rootDir, passphrase);
     try {
-      const signed = await root.signIntermediate({ csr, pathLen: intOption(args, 'path-len') ?? 0, validityDays: intOption(args, 'days'), permittedDns: list(args, 'permit-dns') });
+      const signed = await root.signIntermediate({
+        csr, pathLen: intOption(args, 'path-len') ?? 0, validityDays: intOption(args, 'days'), notAfter,
+        permittedDns: list(args, 'permit-dns'), permittedDirectoryNames: list(args, 'permit-dn'),
+      });
       const pem = encodePem('CERTIFICATE', signed.der);
       const target = str(args, 'out');
-      if (target) { await writeFile(target, pem); info(`Signed ${signed.subject} (serial ${signed.serial}) -> ${target}`); } else { info(`Signed ${signed.subject} (serial ${signed.serial})`); out(pem); }
+      const what = `Signed ${signed.subject} (serial ${signed.serial}, valid until ${signed.notAfter.toISOString()})`;
+      if (target) { await writeFile(target, pem); info(`${what} -> ${target}`); } else { info(what); out(pem); }
       return 0;
     } finally {
       await root.close();
     }
   },
 };
+
+/** An ISO 8601 date or date-time option ("2026-06-30" is midnight UTC). */
+function parseDateOption(name: string, text: string): Date {
+  const d = /^\d{4}-\d{2}-\d{2}/.test(text) ? new Date(text) : new Date(NaN);
+  if (Number.isNaN(d.getTime())) throw new HallmarkError('BAD_REQUEST', `--${name} is not an ISO 8601 date: ${JSON.stringify(text)}`);
+  return d;
+}
 
 export const rootRolloverCommand: Command = {
   name: 'root rollover',

@@ -366,6 +366,8 @@ export class OcspResponder {
     if (!force && Date.now() - this.#casLoadedAt < CA_RELOAD_MIN_MS) return;
     if (this.#casLoading) return this.#casLoading;
     this.#casLoading = (async () => {
+      // CAs with a key online only: a factory station's CA (key in its token) cannot certify a delegated
+      // signer, so requests about its certificates are answered `unauthorized` (not served here).
       const rows = await this.authority.store.db.selectFrom('certificate_authorities').select(['id', 'name', 'certificate_der', 'not_after'])
         .where('role', '=', 'intermediate').where('status', '=', 'active').where('key_ref', 'is not', null).execute();
       const cas = new Map<string, CaEntry>();
