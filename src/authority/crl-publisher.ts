@@ -19,7 +19,8 @@
 //              and CRLs made by other processes (a count of revoked rows; the latest stored number).
 //
 // Only issuing CAs (role intermediate, active, key online) get CRLs here; the offline root's CRL is a
-// root ceremony step, and a factory station's CA (key in the station's token) gets none: NOT_FOUND.
+// root ceremony step, and a factory station's CA (key in the station's token) gets only the CRL its token
+// signed at station create (served while valid; NOT_FOUND without one).
 
 import type { EventEmitter } from 'node:events';
 import { appendAudit } from '../audit/audit-log.js';
@@ -162,11 +163,27 @@ export class CrlPublisher {
   /** The latest CRL of `kind` for CA `caName`, generated first when there is none or it is stale. */
   async current(caName: string, kind: CrlKind = 'full'): Promise<CrlRecord> {
     if (this.#stopped) throw new HallmarkError('INTERNAL', 'the CRL publisher has been stopped');
+    const stored = await this.#offlineKeyCrl(caName, kind);
+    if (stored) return stored;
     return this.#locked(caName, async () => {
       const state = await this.#state(caName);
       await this.#freshen(state);
       return kind === 'full' ? state.full! : state.delta!;
     });
+  }
+
+  /**
+   * A CA whose key is not online (a factory station's, src/authority/station.ts) cannot get a CRL signed
+   * here: its latest stored CRL (the one its token signed at station create) is served while it is valid.
+   */
+  async #offlineKeyCrl(caName: string, kind: CrlKind): Promise<CrlRecord | undefined> {
+    const row = await this.#source.directory.caRow(caName);
+    if (row.role === 'root' || row.status !== 'active' || !row.certificate_der || row.key_ref) return undefined;
+    const stored = kind === 'full'
+      ? await this.#source.store.db.selectFrom('crls').selectAll().where('ca_id', '=', row.id).where('kind', '=', 'full').orderBy('number', 'desc').limit(1).executeTakeFirst()
+      : undefined;
+    if (!stored || new Date(stored.next_update) <= this.#o.now()) throw crlIneligibility(row, this.#o.now())!;
+    return toRecord(caName, stored);
   }
 
   /** Makes a new full CRL (and its delta) now, whatever the schedule says. */

@@ -28,7 +28,8 @@ import { createPublicKey, randomBytes } from 'node:crypto';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import type { KeyBackend } from '../keys/key-backend.js';
-import { parseKeyAlgorithm, type KeyAlgorithm } from '../pki/algorithms.js';
+import { parseKeyAlgorithm, signingSchemeFor, type KeyAlgorithm } from '../pki/algorithms.js';
+import { encodeCrl } from '../protocols/crl/crl.js';
 import { parseCertificate, serialToHex, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
 import { TAG, children, readWhole } from '../pki/der.js';
 import { EXT, decodeBasicConstraints, decodeKeyUsage, keyIdentifier } from '../pki/extensions.js';
@@ -44,6 +45,8 @@ import { csrFromSigner, type Authority } from './authority.js';
 import { describeKeyRef } from './ca-directory.js';
 import { defaultRootDir } from './home.js';
 import { PROFILES } from './profiles.js';
+/** The station CRL outlives validUntil by a day, so a device certificate ending at validUntil is never checked against an expired CRL. */
+const STATION_CRL_GRACE_MS = 86_400_000;
 import { JOURNAL_FORMAT, JOURNAL_LIMITS, verifyJournal, type JournalProblem, type VerifiedIssue } from '../station/journal.js';
 import { PACKAGE_FILES, STATION_PACKAGE_FORMAT, checkStationPackage, deviceSubject, encodeSubjectBase, parseStationManifest, serializeManifest, type StationManifest } from '../station/package.js';
 
@@ -168,11 +171,23 @@ export async function createStation(authority: Authority, options: CreateStation
   let keyRef;
   let csrDer: Buffer;
   let spki: Buffer;
+  let crlDer: Buffer;
+  let crlTimes: { thisUpdate: Date; nextUpdate: Date };
   try {
     keyRef = await token.generateKey(uri.object ?? `hallmark-${id}`, algorithm);
     const signer = await token.signer(keyRef);
     spki = signer.publicKeySpki;
     csrDer = await csrFromSigner(caSubject, signer);
+    // The station CA's only CRL, signed now while the token is at HQ: empty, valid until the station's end
+    // (its device certificates end no later). Relying parties that check CRLs (Mosquitto, OpenSSL's
+    // crl_check) refuse a certificate whose issuer has no CRL; revocations of station devices are then
+    // enforced through the registry (connection checker, broker), since no later CRL can be signed online.
+    const thisUpdate = new Date(Math.floor(Date.now() / 1000) * 1000);
+    crlDer = await encodeCrl({
+      issuer: caSubject, issuerKeyId: keyIdentifier(spki), scheme: signingSchemeFor(algorithm), thisUpdate,
+      nextUpdate: new Date(validUntil.getTime() + STATION_CRL_GRACE_MS), number: 1, entries: [],
+    }, (tbs) => signer.sign(tbs));
+    crlTimes = { thisUpdate, nextUpdate: new Date(validUntil.getTime() + STATION_CRL_GRACE_MS) };
   } finally {
     await token.close();
   }
@@ -220,6 +235,10 @@ export async function createStation(authority: Authority, options: CreateStation
         key_algorithm: algorithm, ski: keyIdentifier(spki).toString('hex'), path_len: null, certificate_der: null, csr_der: csrDer,
         serial: null, not_before: null, not_after: null, created_at: now, updated_at: now,
       }).returning('id').executeTakeFirstOrThrow();
+      await trx.insertInto('crls').values({
+        ca_id: Number(ca.id), number: 1, kind: 'full', base_number: null, this_update: nowIso(crlTimes.thisUpdate), next_update: nowIso(crlTimes.nextUpdate), entries: 0, der: crlDer, created_at: now,
+      }).execute();
+      audit.push({ actor: options.actor, action: 'crl.issue', target: id, details: { ca: id, number: 1, kind: 'full', entries: 0, nextUpdate: nowIso(crlTimes.nextUpdate), signedBy: 'station token, at station create' } });
       audit.push({ actor: options.actor, action: 'ca.request', target: id, details: { subject: nameToString(caSubject), keyAlgorithm: algorithm, keyLocation: `${describeKeyRef(JSON.stringify(keyRef))} (factory station token, offline)`, station: id } });
       if (devices.length) await ensureTenant(trx, DEFAULT_TENANT, now);
       for (const d of devices) {

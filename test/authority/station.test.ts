@@ -12,6 +12,7 @@ import { sql } from 'kysely';
 import { Authority } from '../../src/authority/authority.js';
 import { signCertificate, signingCa, type SigningCa } from '../../src/authority/certificate-signer.js';
 import { CrlPublisher } from '../../src/authority/crl-publisher.js';
+import { parseCrl, verifyCrlSignature } from '../../src/protocols/crl/crl.js';
 import { initAuthority } from '../../src/authority/init.js';
 import { OfflineRoot } from '../../src/authority/offline-root.js';
 import { installRootCrl } from '../../src/authority/root-rollover.js';
@@ -452,7 +453,14 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
       assert.deepEqual([...result.byIssuer.keys()], [s.ca]);
       await new Promise((resolve) => setTimeout(resolve, 100));
       assert.deepEqual(warnings, [], 'a revocation under a station CA is not a CRL failure');
-      await assert.rejects(publisher.current(s.ca), (err: Error) => hasCode('NOT_FOUND')(err) && /key is offline/.test(err.message));
+      // The station's only CRL is the empty one its token signed at station create (for relying parties that
+      // insist on a CRL per issuer, like Mosquitto): served as is, never re-signed online.
+      const stationCrl = await publisher.current(s.ca);
+      const parsedCrl = parseCrl(stationCrl.der);
+      assert.deepEqual([stationCrl.number, parsedCrl.entries.length], [1, 0]);
+      assert.ok(parsedCrl.issuer.equals(parseCertificate(stationDer!).subject) && verifyCrlSignature(parsedCrl, parseCertificate(stationDer!).subjectPublicKeyInfo), 'signed by the station key');
+      assert.ok(parsedCrl.nextUpdate! >= parseCertificate(stationDer!).notAfter, 'valid for as long as the station certificates');
+      await assert.rejects(publisher.current(s.ca, 'delta'), (err: Error) => hasCode('NOT_FOUND')(err) && /key is offline/.test(err.message));
       await publisher.refreshAll();
       assert.deepEqual(warnings, []);
       // The online CAs still publish.

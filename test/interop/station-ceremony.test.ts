@@ -161,11 +161,16 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     const deviceFiles = readdirSync(certsA).filter((f) => f.endsWith('.pem'));
     assert.equal(deviceFiles.length, 3);
 
+    const stationCrl = join(dir, 'station-a.crl.pem');
+    ok(['crl', 'show', '--ca', a.id, '--pem', '--out', stationCrl, '--home', home]);
+    assert.match(openssl(['crl', '-in', stationCrl, '-noout', '-text']), /No Revoked Certificates/);
     // openssl: every device certificate verifies against the chain (root trusted, the station certificate
     // intermediate, its name constraint applied); the subject comes from the package, not the CSR.
     for (const f of deviceFiles) {
       const leaf = join(certsA, f);
       assert.match(openssl(['verify', '-x509_strict', '-purpose', 'sslclient', '-CAfile', join(dir, 'root.pem'), '-untrusted', stationPem, leaf]), /: OK/);
+      // With CRL checking (as Mosquitto does): the empty CRL the station token signed at station create.
+      assert.match(openssl(['verify', '-crl_check', '-CRLfile', stationCrl, '-CAfile', join(dir, 'root.pem'), '-untrusted', stationPem, leaf]), /: OK/);
       const subject = openssl(['x509', '-in', leaf, '-noout', '-subject', '-nameopt', 'RFC2253']);
       assert.equal(subject.trim(), `subject=CN=${f.replace(/\.pem$/, '')},OU=batch ${a.batch},OU=thermostat,O=Acme Devices`);
     }
