@@ -11,11 +11,12 @@
 // running the same command again finds the unfinished run, rewrites the pending stamps from the
 // stored secrets, and carries on. No registered device is ever without its recorded certificate.
 //
-// Speed. Key generation, X25519 onboarding keys and certificate signatures run on the libuv thread
-// pool (both cores) while the event loop commits the previous chunk and writes its files: the next
-// chunk is prepared while the current one is stored.
+// Speed. Keys come from DER templates around raw key material (src/pki/raw-keys.ts: OpenSSL's encoders
+// cost several times the key generation). X25519 onboarding keys and certificate signatures run on the
+// libuv thread pool (both cores) while the event loop commits the previous chunk and writes its files:
+// the next chunk is prepared while the current one is stored.
 
-import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, generateKeyPair, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Transaction } from 'kysely';
@@ -27,6 +28,7 @@ import { batchSummaryCsvHeader, batchSummaryCsvLine } from '../factory/formats/j
 import { STAMP_VERSION, madeByThisAuthority, qrPayloadFor, type Stamp, type StampFormat } from '../factory/stamp.js';
 import { sha256Fingerprint } from '../pki/certificate.js';
 import { nameToString } from '../pki/names.js';
+import { p256KeyPair, x25519KeyPair } from '../pki/raw-keys.js';
 import { DEFAULT_TENANT, udidOfKey } from '../registry/registry.js';
 import { nowIso, type Dialect } from '../store/database.js';
 import { rawSql } from '../store/raw-sql.js';
@@ -158,16 +160,6 @@ function openPending(key: Buffer, udid: string, blob: Buffer): { devicePrivateKe
 
 // ---------------------------------------------------------------- making stamps
 
-function keyPair(type: 'ec' | 'x25519'): Promise<{ spki: Buffer; pkcs8: Buffer }> {
-  // Encodings requested here are produced on the thread pool too, not on the event loop.
-  const options = { publicKeyEncoding: { type: 'spki', format: 'der' }, privateKeyEncoding: { type: 'pkcs8', format: 'der' } } as const;
-  return new Promise((resolveKeys, reject) => {
-    const done = (err: Error | null, spki: Buffer, pkcs8: Buffer): void => (err ? reject(err) : resolveKeys({ spki, pkcs8 }));
-    if (type === 'ec') generateKeyPair('ec', { namedCurve: 'P-256', ...options }, done);
-    else generateKeyPair('x25519', options, done);
-  });
-}
-
 interface Maker {
   readonly ctx: StampContext;
   readonly issuer: SigningCa & { readonly chain: readonly Buffer[] };
@@ -176,7 +168,8 @@ interface Maker {
 
 async function makeStamp(maker: Maker, seq: number): Promise<Prepared> {
   const { ctx, issuer } = maker;
-  const [device, onboarding] = await Promise.all([keyPair('ec'), keyPair('x25519')]);
+  const device = p256KeyPair();
+  const onboarding = await x25519KeyPair();
   const popSecret = randomBytes(16);
   const udid = udidOfKey(device.spki);
   const serialNumber = stampSerialNumber(ctx.batchId, seq);
