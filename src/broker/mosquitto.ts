@@ -1,31 +1,42 @@
 // A Mosquitto (2.0.x) configuration for devices that connect with their Hallmark identity:
 //
-//   mosquitto.conf  one TLS listener: require_certificate, use_identity_as_username (the username is
-//                   the certificate's CN, which Hallmark sets to the device UDID), cafile, certfile,
-//                   keyfile, crlfile; acl_file; pid_file (so a refresh can send SIGHUP)
-//   ca.pem          the CA certificates EST /cacerts serves: the active issuing CAs and the root(s)
-//   server.pem      the broker's TLS server certificate (issued by Hallmark) followed by its issuing CA
-//   server.key      the broker's own private key (PKCS#8 PEM, mode 0600) — not a CA key
-//   crl.pem         the full CRL of every active issuing CA, concatenated (Mosquitto takes one crlfile)
-//   acl             pattern write devices/%u/#, pattern read devices/%u/commands/#
-//   README.txt      how to run it and how the CRL is kept current
+//   mosquitto.conf     per_listener_settings true; the device listener (TLS: require_certificate,
+//                      use_identity_as_username — the username is the certificate's CN, the device UDID —
+//                      cafile, certfile, keyfile, crlfile, acl_file) and, when the dynamic security plugin
+//                      is installed, an admin listener (a Unix socket in DIR, or a loopback port) that only
+//                      Hallmark's control client uses, to disconnect devices at once; pid_file for SIGHUP
+//   ca.pem             the CA certificates EST /cacerts serves: the active issuing CAs and the root(s)
+//   server.pem         the broker's TLS server certificate (issued by Hallmark) followed by its issuing CA
+//   server.key         the broker's own private key (PKCS#8 PEM, mode 0600) — not a CA key
+//   crl.pem            the full CRL of every active issuing CA, concatenated (Mosquitto takes one crlfile)
+//   acl                each device's topics from its product's policy (mosquitto-acl.ts)
+//   dynsec.json        the dynamic security plugin's state: only the admin client (password hash)
+//   broker-admin.json  the admin client's password and where to reach it (mode 0600)
+//   hallmark-broker.json  the choices a sync must repeat (the ACL layout)
+//   README.txt         how to run it and how it is kept current
 //
-// refreshMosquittoCrl rewrites crl.pem atomically and sends SIGHUP to the broker named by the pid file;
-// Mosquitto 2.0.x reloads its listeners' TLS files (certfile, keyfile, cafile, crlfile) on SIGHUP — the
-// interop test checks that a revoked device is refused at its next connection.
+// syncMosquitto rewrites crl.pem and acl atomically, sends SIGHUP to the broker named by the pid file
+// (Mosquitto 2.0.x then reloads its TLS files and its acl_file, re-applying the ACL to open connections)
+// and, through the admin listener, disconnects the sessions of devices that were revoked, suspended or
+// decommissioned (mosquitto-admin.ts). keepMosquittoInStep does that whenever the registry or the
+// revocation state changes (a tail of the audit log plus the authority's 'revoked' events).
 
 import { generateKeyPair, sign as cryptoSign, type KeyObject } from 'node:crypto';
-import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { existsSync, readdirSync } from 'node:fs';
+import { chmod, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { userInfo } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Authority, IssuedCertificate } from '../authority/authority.js';
 import { CrlPublisher, type CrlRecord } from '../authority/crl-publisher.js';
-import type { RevokedEvent } from '../authority/revocation.js';
 import { HallmarkError } from '../errors.js';
 import type { Signer } from '../keys/key-backend.js';
+import { freePort } from '../net.js';
 import { encodePem } from '../pki/pem.js';
 import { caCertificates } from '../protocols/est/routes.js';
 import { crlPublisherOf } from '../protocols/crl/routes.js';
+import type { Store } from '../store/database.js';
+import { buildAcl, type AclChoice, type AclLayout } from './mosquitto-acl.js';
+import { ADMIN_FILE, ADMIN_USERNAME, MosquittoAdmin, dynsecConfig, newAdminPassword, readAdminCredentials, type AdminCredentials, type KickResult } from './mosquitto-admin.js';
 
 export const MOSQUITTO_FILES = {
   config: 'mosquitto.conf',
@@ -34,15 +45,30 @@ export const MOSQUITTO_FILES = {
   key: 'server.key',
   crl: 'crl.pem',
   acl: 'acl',
+  dynsec: 'dynsec.json',
+  admin: ADMIN_FILE,
+  socket: 'admin.sock',
+  settings: 'hallmark-broker.json',
   pid: 'mosquitto.pid',
   readme: 'README.txt',
 } as const;
 
-/** The default per-device topic policy (a product's `policy` JSON may refine it later). */
+/** The default product policy as acl_file pattern lines (what a fleet on the default policy gets). */
 export const DEFAULT_DEVICE_ACL = [
   'pattern write devices/%u/#',
   'pattern read devices/%u/commands/#',
 ] as const;
+
+/** Where Mosquitto's dynamic security plugin is installed by the usual packages. */
+export function findDynsecPlugin(): string | undefined {
+  const name = 'mosquitto_dynamic_security.so';
+  const candidates = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib/arm-linux-gnueabihf', '/usr/lib', '/usr/lib64', '/usr/local/lib', '/usr/lib/mosquitto', '/opt/homebrew/lib']
+    .map((d) => join(d, name));
+  try {
+    for (const d of readdirSync('/usr/lib')) if (/-linux-gnu/.test(d)) candidates.push(join('/usr/lib', d, name));
+  } catch { /* no /usr/lib */ }
+  return candidates.find((p) => existsSync(p));
+}
 
 export interface MosquittoOptions {
   /** Directory to write into (created; made absolute, since mosquitto.conf names files by path). */
@@ -61,6 +87,20 @@ export interface MosquittoOptions {
   readonly user?: string;
   /** Issuing CA for the broker's certificate. Default: the authority's default issuer. */
   readonly ca?: string;
+  /**
+   * The dynamic security plugin (.so) for the admin listener that disconnects devices at once. Default:
+   * found in the usual places (findDynsecPlugin). false: no admin listener (devices are refused at their
+   * next connection only).
+   */
+  readonly dynsecPlugin?: string | false;
+  /** The admin listener on 127.0.0.1:PORT instead of the Unix socket DIR/admin.sock. */
+  readonly adminPort?: number;
+  /**
+   * 'auto' (default): one set of pattern lines when every product has the same policy, else a block per
+   * device. 'per-device': always a block per device (a certificate that names no registry device gets
+   * nothing). See mosquitto-acl.ts.
+   */
+  readonly acl?: AclChoice;
   readonly actor: string;
 }
 
@@ -68,8 +108,12 @@ export interface MosquittoConfig {
   readonly dir: string;
   readonly files: { readonly [K in keyof typeof MOSQUITTO_FILES]: string };
   readonly server: IssuedCertificate;
-  /** Names of the issuing CAs whose CRLs are in crl.pem. */
+  /** Names of the issuing CAs whose CRLs are in crl.pem, and those left out (with why). */
   readonly crlCas: readonly string[];
+  readonly crlSkipped: readonly string[];
+  /** The admin listener (no password here: that is in broker-admin.json), when the plugin was found. */
+  readonly admin?: { readonly plugin: string; readonly socket?: string; readonly port?: number };
+  readonly acl: { readonly layout: AclLayout; readonly devices: number; readonly warnings: readonly string[] };
 }
 
 const pathsIn = (dir: string): MosquittoConfig['files'] =>
@@ -99,31 +143,65 @@ function memorySigner(privateKey: KeyObject, publicKey: KeyObject): Signer {
 /**
  * The PEM CRLs Mosquitto needs: the full CRL of every active issuing CA, each including every revocation
  * committed so far. Mosquitto (OpenSSL without X509_V_FLAG_USE_DELTAS) reads full CRLs only, so when the
- * publisher's delta has entries a new full CRL is made at once.
+ * publisher's delta has entries a new full CRL is made at once. A CA whose key is not online (a factory
+ * station's) contributes the full CRL stored for it while it is valid; a CA that has none is left out
+ * (`skipped`: Mosquitto then refuses its devices, since OpenSSL finds no CRL for their issuer).
  */
-export async function brokerCrls(authority: Authority): Promise<{ pem: string; cas: string[]; crls: CrlRecord[] }> {
+export async function brokerCrls(authority: Authority): Promise<{ pem: string; cas: string[]; crls: CrlRecord[]; skipped: string[] }> {
   const shared = crlPublisherOf(authority);
   const publisher = shared ?? new CrlPublisher(authority, { checkEveryMs: 0, actor: 'broker' });
   try {
     const cas = (await authority.listCas()).filter((c) => c.role === 'intermediate' && c.status === 'active');
     if (cas.length === 0) throw new HallmarkError('CA_NOT_FOUND', 'no active issuing CA: nothing to build a CRL file from');
     const crls: CrlRecord[] = [];
+    const names: string[] = [];
+    const skipped: string[] = [];
     for (const ca of cas) {
-      const delta = await publisher.current(ca.name, 'delta');
-      crls.push(delta.entries > 0 ? (await publisher.regenerate(ca.name)).full : await publisher.current(ca.name, 'full'));
+      let crl: CrlRecord;
+      try {
+        const delta = await publisher.current(ca.name, 'delta');
+        crl = delta.entries > 0 ? (await publisher.regenerate(ca.name)).full : await publisher.current(ca.name, 'full');
+      } catch (first) {
+        try {
+          crl = await publisher.current(ca.name, 'full');
+        } catch {
+          skipped.push(`${ca.name}: ${(first as Error).message}`);
+          continue;
+        }
+      }
+      crls.push(crl);
+      names.push(ca.name);
     }
-    return { pem: crls.map((c) => encodePem('X509 CRL', c.der)).join(''), cas: cas.map((c) => c.name), crls };
+    if (crls.length === 0) throw new HallmarkError('CA_NOT_FOUND', `no CRL for any active issuing CA: ${skipped.join('; ')}`);
+    return { pem: crls.map((c) => encodePem('X509 CRL', c.der)).join(''), cas: names, crls, skipped };
   } finally {
     if (!shared) await publisher.stop();
   }
 }
 
-function configText(o: { files: MosquittoConfig['files']; port: number; host: string; user: string }): string {
+interface ConfigInputs { files: MosquittoConfig['files']; port: number; host: string; user: string; admin?: { plugin: string; socket?: string; port?: number } }
+
+function configText(o: ConfigInputs): string {
   const f = o.files;
+  const admin = o.admin
+    ? `# The admin listener: only Hallmark's control client (user ${ADMIN_USERNAME}, password in ${f.admin}) logs in
+# here, to disconnect revoked and suspended devices at once through the dynamic security plugin. The
+# plugin serves this listener only (per_listener_settings true): devices never reach $CONTROL.
+listener ${o.admin.socket ? `0 ${o.admin.socket}` : `${o.admin.port} 127.0.0.1`}
+protocol mqtt
+allow_anonymous false
+plugin ${o.admin.plugin}
+plugin_opt_config_file ${f.dynsec}
+
+`
+    : `# No admin listener: the dynamic security plugin was not found (or --no-dynsec). Revoked and suspended
+# devices are refused at their next connection; open sessions are not cut.
+
+`;
   return `# Mosquitto 2.0 configuration written by "hallmark broker mosquitto" (see README.txt beside it).
 # Devices connect with their Hallmark certificate; the MQTT username is the certificate's CN (the UDID).
 
-per_listener_settings false
+per_listener_settings true
 user ${o.user}
 pid_file ${f.pid}
 persistence false
@@ -134,11 +212,11 @@ log_type notice
 log_type information
 connection_messages true
 
-allow_anonymous false
-acl_file ${f.acl}
-
+${admin}# The device listener: TLS with a client certificate from a Hallmark CA, checked against crl.pem.
 listener ${o.port} ${o.host}
 protocol mqtt
+allow_anonymous false
+acl_file ${f.acl}
 cafile ${f.ca}
 certfile ${f.cert}
 keyfile ${f.key}
@@ -149,15 +227,9 @@ tls_version tlsv1.2
 `;
 }
 
-function aclText(): string {
-  return `# Per-device topics. %u is the MQTT username: the client certificate's CN, i.e. the device UDID.
-# Default product policy: a device publishes under devices/<UDID>/ and reads its commands.
-${DEFAULT_DEVICE_ACL.join('\n')}
-`;
-}
-
-function readmeText(o: { files: MosquittoConfig['files']; port: number; host: string; home?: string; cas: readonly string[] }): string {
+function readmeText(o: ConfigInputs & { home?: string; cas: readonly string[] }): string {
   const f = o.files;
+  const dir = resolve(f.config, '..');
   return `Mosquitto configuration written by Hallmark (hallmark broker mosquitto).
 
 Run:
@@ -168,21 +240,25 @@ ${f.ca}; the MQTT username is the certificate's CN (the device UDID). For exampl
   mosquitto_pub --cafile ca.pem --cert device.pem --key device.key -h ${o.host} -p ${o.port} -t devices/UDID/telemetry -m hi
 
 Files:
-  mosquitto.conf  the listener (require_certificate, use_identity_as_username), ACL, pid file
-  ca.pem          Hallmark's CA certificates (active issuing CAs and root)
-  server.pem      the broker's certificate, issued by Hallmark, followed by its issuing CA
-  server.key      the broker's PRIVATE KEY (mode 0600). It is the broker's own key, not a CA key;
-                  keep it readable only by the user Mosquitto runs as (the "user" line).
-  crl.pem         full CRLs of the issuing CAs (${o.cas.join(', ')}), concatenated
-  acl             per-device topics: write devices/<UDID>/#, read devices/<UDID>/commands/#
-
-CRL: Mosquitto refuses revoked devices only as far as crl.pem says, and the CRLs expire
-(nextUpdate, 7 days). Keep it current with either
-  hallmark serve --broker-dir ${resolve(f.config, '..')}     (rewrites it on every revocation and hourly)
-  hallmark broker mosquitto-crl --dir ${resolve(f.config, '..')}${o.home ? ` --home ${o.home}` : ''}   (e.g. from cron, at least daily)
-Both rewrite crl.pem atomically and send SIGHUP to the pid in mosquitto.pid; Mosquitto then reloads
-its TLS files. A revoked device is refused at its next connection; a connection already open stays
-open until it closes.
+  mosquitto.conf     the device listener (require_certificate, use_identity_as_username, acl_file, crlfile),
+                     ${o.admin ? `the admin listener (${o.admin.socket ?? `127.0.0.1:${o.admin.port}`}, dynamic security plugin)` : 'no admin listener (no dynamic security plugin)'}, pid file
+  ca.pem             Hallmark's CA certificates (active issuing CAs and root)
+  server.pem         the broker's certificate, issued by Hallmark, followed by its issuing CA
+  server.key         the broker's PRIVATE KEY (mode 0600). It is the broker's own key, not a CA key;
+                     keep it readable only by the user Mosquitto runs as (the "user" line).
+  crl.pem            full CRLs of the issuing CAs (${o.cas.join(', ')}), concatenated
+  acl                each device's topics, from its product's policy (rewritten from the registry)
+${o.admin ? `  dynsec.json        the dynamic security plugin's state: the admin client only (a password hash)
+  broker-admin.json  the admin client's PASSWORD (mode 0600), read by hallmark serve --broker-dir
+` : ''}
+Keeping it current: Mosquitto refuses revoked devices only as far as crl.pem says (and the CRLs expire:
+nextUpdate, 7 days), and gives a device only what acl says. Keep both current with either
+  hallmark serve --broker-dir ${dir}
+      (on every revocation, suspension, resumption, registration and policy change, and hourly;
+       disconnects revoked, suspended and decommissioned devices at once${o.admin ? '' : ' — not with this configuration'})
+  hallmark broker mosquitto-crl --dir ${dir}${o.home ? ` --home ${o.home}` : ''}   (e.g. from cron, at least daily)
+Both rewrite the files atomically and send SIGHUP to the pid in mosquitto.pid; Mosquitto then reloads
+its TLS files and its ACL (also for open connections).
 `;
 }
 
@@ -192,11 +268,16 @@ export async function writeMosquittoConfig(authority: Authority, options: Mosqui
   const port = options.port ?? 8883;
   const host = options.host ?? '127.0.0.1';
   if (!Number.isInteger(port) || port < 1 || port > 65535) throw new HallmarkError('BAD_REQUEST', `bad port ${port}`);
+  if (options.adminPort !== undefined && (!Number.isInteger(options.adminPort) || options.adminPort < 1 || options.adminPort > 65535 || options.adminPort === port)) {
+    throw new HallmarkError('BAD_REQUEST', `bad admin port ${options.adminPort}`);
+  }
   if (/\s/.test(dir)) throw new HallmarkError('BAD_REQUEST', 'the broker directory may not contain white space (mosquitto.conf names files by path)');
   let user = options.user;
   if (!user) {
     try { user = userInfo().username; } catch { user = 'mosquitto'; }
   }
+  const plugin = options.dynsecPlugin === false ? undefined : options.dynsecPlugin ?? findDynsecPlugin();
+  if (plugin !== undefined && (/\s/.test(plugin) || !existsSync(plugin))) throw new HallmarkError('BAD_REQUEST', `the dynamic security plugin ${plugin} does not exist (or its path has white space)`);
   await mkdir(dir, { recursive: true });
   const files = pathsIn(dir);
 
@@ -212,15 +293,48 @@ export async function writeMosquittoConfig(authority: Authority, options: Mosqui
   const [issuer] = server.chain;
   const caCerts = await caCertificates(authority, undefined);
   const crls = await brokerCrls(authority);
+  const aclChoice: AclChoice = options.acl ?? 'auto';
+  if (aclChoice !== 'auto' && aclChoice !== 'per-device') throw new HallmarkError('BAD_REQUEST', `the ACL layout is auto or per-device, not ${JSON.stringify(aclChoice)}`);
+  const acl = await buildAcl(authority.store, { layout: aclChoice });
+
+  let admin: ConfigInputs['admin'];
+  if (plugin) {
+    // A Unix socket path is at most 107 bytes: a deep directory gets a loopback port instead.
+    const socket = options.adminPort === undefined && Buffer.byteLength(files.socket) <= 100 ? files.socket : undefined;
+    admin = socket ? { plugin, socket } : { plugin, port: options.adminPort ?? (await freePort()) };
+    const password = newAdminPassword();
+    const credentials: AdminCredentials = { username: ADMIN_USERNAME, password, ...(admin.socket ? { socket: admin.socket } : { host: '127.0.0.1', port: admin.port }) };
+    await writeAtomic(files.dynsec, dynsecConfig(password), 0o600);
+    await writeAtomic(files.admin, JSON.stringify(credentials, null, 2) + '\n', 0o600);
+  } else {
+    await rm(files.admin, { force: true });
+  }
 
   await writeAtomic(files.key, privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, 0o600);
   await writeAtomic(files.cert, encodePem('CERTIFICATE', server.der) + (issuer ? encodePem('CERTIFICATE', issuer) : ''));
   await writeAtomic(files.ca, caCerts.map((c) => encodePem('CERTIFICATE', c)).join(''));
   await writeAtomic(files.crl, crls.pem);
-  await writeAtomic(files.acl, aclText());
-  await writeAtomic(files.config, configText({ files, port, host, user }));
-  await writeAtomic(files.readme, readmeText({ files, port, host, home: authority.home, cas: crls.cas }));
-  return { dir, files, server, crlCas: crls.cas };
+  await writeAtomic(files.acl, acl.text);
+  await writeAtomic(files.settings, JSON.stringify({ acl: aclChoice } satisfies BrokerSettings, null, 2) + '\n');
+  const inputs: ConfigInputs = { files, port, host, user, ...(admin ? { admin } : {}) };
+  await writeAtomic(files.config, configText(inputs));
+  await writeAtomic(files.readme, readmeText({ ...inputs, home: authority.home, cas: crls.cas }));
+  return {
+    dir, files, server, crlCas: crls.cas, crlSkipped: crls.skipped,
+    ...(admin ? { admin: { plugin: admin.plugin, ...(admin.socket ? { socket: admin.socket } : { port: admin.port }) } } : {}),
+    acl: { layout: acl.layout, devices: acl.devices, warnings: acl.warnings },
+  };
+}
+
+interface BrokerSettings { readonly acl: AclChoice }
+
+async function readSettings(dir: string): Promise<BrokerSettings> {
+  try {
+    const s = JSON.parse(await readFile(join(dir, MOSQUITTO_FILES.settings), 'utf8')) as Partial<BrokerSettings>;
+    return { acl: s.acl === 'per-device' ? 'per-device' : 'auto' };
+  } catch {
+    return { acl: 'auto' };
+  }
 }
 
 /** The pid in DIR/mosquitto.pid when that process is alive (and, on Linux, is a mosquitto), else undefined. */
@@ -237,51 +351,249 @@ export async function mosquittoPid(dir: string): Promise<number | undefined> {
   return pid;
 }
 
-/**
- * Rewrites DIR/crl.pem (atomically) from the current full CRLs and, when a live Mosquitto wrote
- * DIR/mosquitto.pid, sends it SIGHUP so it reloads the file. Returns what it did.
- */
-export async function refreshMosquittoCrl(authority: Authority, dir: string): Promise<{ cas: string[]; numbers: number[]; signalled?: number }> {
-  const abs = resolve(dir);
-  const crls = await brokerCrls(authority);
-  await writeAtomic(join(abs, MOSQUITTO_FILES.crl), crls.pem);
-  const pid = await mosquittoPid(abs);
-  if (pid !== undefined) process.kill(pid, 'SIGHUP');
-  return { cas: crls.cas, numbers: crls.crls.map((c) => c.number), ...(pid !== undefined ? { signalled: pid } : {}) };
+export interface SyncOptions {
+  /** Rewrite crl.pem. */
+  readonly crl?: boolean;
+  /** Rewrite acl from the registry. */
+  readonly acl?: boolean;
+  /** Disconnect the sessions of these usernames (UDIDs) after the reload. */
+  readonly kick?: Iterable<string>;
+  /**
+   * The admin connection to use (keepMosquittoInStep keeps one open); undefined from it: the configuration
+   * has no admin listener. Default: one opened for this call from DIR/broker-admin.json.
+   */
+  readonly admin?: () => Promise<MosquittoAdmin | undefined>;
+}
+
+export interface SyncResult {
+  /** When crl.pem was rewritten: its CAs and their CRL numbers, and the CAs left out (with why). */
+  readonly cas?: string[];
+  readonly numbers?: number[];
+  readonly crlSkipped?: string[];
+  /** When acl was rebuilt: its layout, the devices it names, whether the file changed. */
+  readonly acl?: { readonly layout: AclLayout; readonly devices: number; readonly blocked: number; readonly changed: boolean; readonly warnings: readonly string[] };
+  /** The broker's pid, when SIGHUP was sent. */
+  readonly signalled?: number;
+  /** Sessions disconnected (when asked to, the broker runs and has an admin listener). */
+  readonly kick?: KickResult;
+  /** Why nothing could be disconnected, when asked to. */
+  readonly kickError?: string;
+  /** After a SIGHUP: milliseconds until the broker was seen past its reload (through the admin listener). */
+  readonly reloadMs?: number;
+  /** Why the end of the reload could not be seen (no admin listener, or it did not answer). */
+  readonly reloadUnconfirmed?: string;
 }
 
 /**
- * Keeps DIR/crl.pem in step with the authority: refreshes it at once, on every 'revoked' event
- * (coalesced) and every `everyMs` (default hourly; the full CRLs are valid 7 days and made again daily). Returns the
- * function that stops it. Failures go to `onError` (default: stderr).
+ * Brings DIR in step with the authority: rewrites crl.pem and / or acl (atomically), sends SIGHUP to the
+ * live broker of DIR/mosquitto.pid when a file changed, then disconnects the named devices' sessions
+ * through the admin listener, then waits (through the admin listener) until the broker is past its reload.
+ * The kick comes after the SIGHUP: Mosquitto reloads at the end of the loop iteration that saw the
+ * signal, before it reads the kicked device's next handshake, so a device that reconnects at once meets
+ * the new CRL and ACL. The wait keeps the next sync's SIGHUP from landing in this reload (it would be lost).
  */
-export function keepMosquittoInStep(authority: Authority, dir: string, options: { everyMs?: number; debounceMs?: number; onError?: (err: unknown) => void } = {}): () => void {
-  const onError = options.onError ?? ((err: unknown) => process.stderr.write(`hallmark: broker CRL refresh failed: ${(err as Error).message ?? String(err)}\n`));
+export async function syncMosquitto(authority: Authority, dir: string, options: SyncOptions): Promise<SyncResult> {
+  const abs = resolve(dir);
+  const result: { -readonly [K in keyof SyncResult]: SyncResult[K] } = {};
+  let changed = false;
+  if (options.crl) {
+    const crls = await brokerCrls(authority);
+    await writeAtomic(join(abs, MOSQUITTO_FILES.crl), crls.pem);
+    result.cas = crls.cas;
+    result.numbers = crls.crls.map((c) => c.number);
+    if (crls.skipped.length > 0) result.crlSkipped = crls.skipped;
+    changed = true;
+  }
+  if (options.acl) {
+    const acl = await buildAcl(authority.store, { layout: (await readSettings(abs)).acl });
+    const path = join(abs, MOSQUITTO_FILES.acl);
+    const current = await readFile(path, 'utf8').catch(() => undefined);
+    const aclChanged = current !== acl.text;
+    if (aclChanged) await writeAtomic(path, acl.text);
+    result.acl = { layout: acl.layout, devices: acl.devices, blocked: acl.blocked, changed: aclChanged, warnings: acl.warnings };
+    changed ||= aclChanged;
+  }
+  const pid = await mosquittoPid(abs);
+  if (pid !== undefined && changed) {
+    process.kill(pid, 'SIGHUP');
+    result.signalled = pid;
+  }
+  const kick = options.kick ? [...new Set(options.kick)] : [];
+  if (pid === undefined) {
+    if (kick.length > 0) result.kickError = 'no running broker (no live pid in mosquitto.pid)';
+    return result;
+  }
+  if (kick.length === 0 && result.signalled === undefined) return result;
+  const signalledAt = performance.now();
+  let own: MosquittoAdmin | undefined;
+  try {
+    let admin: MosquittoAdmin | undefined;
+    try {
+      if (options.admin) admin = await options.admin();
+      else {
+        const credentials = await readAdminCredentials(abs);
+        if (credentials) admin = own = await MosquittoAdmin.open(credentials);
+      }
+    } catch (err) {
+      const why = (err as Error).message ?? String(err);
+      if (kick.length > 0) result.kickError = why;
+      if (result.signalled !== undefined) result.reloadUnconfirmed = why;
+      return result;
+    }
+    if (!admin) {
+      if (kick.length > 0) result.kickError = 'the configuration has no admin listener (no dynamic security plugin): open sessions stay open';
+      if (result.signalled !== undefined) result.reloadUnconfirmed = 'no admin listener';
+      return result;
+    }
+    if (kick.length > 0) {
+      try { result.kick = await admin.kick(kick); } catch (err) { result.kickError = (err as Error).message ?? String(err); }
+    }
+    if (result.signalled !== undefined) {
+      // Mosquitto reloads at the end of the loop iteration that saw the signal and clears its reload flag
+      // afterwards: a SIGHUP that arrives during a reload is lost. So a sync is over only once the reload is:
+      // the second of two answered requests is read in a later iteration than the signal, hence after it.
+      try {
+        await admin.ping();
+        await admin.ping();
+        result.reloadMs = performance.now() - signalledAt;
+      } catch (err) {
+        result.reloadUnconfirmed = (err as Error).message ?? String(err);
+      }
+    }
+  } finally {
+    own?.close();
+  }
+  return result;
+}
+
+/**
+ * Rewrites DIR/crl.pem and DIR/acl from the current state and, when a live Mosquitto wrote
+ * DIR/mosquitto.pid, sends it SIGHUP so it reloads them. Returns what it did.
+ */
+export async function refreshMosquittoCrl(authority: Authority, dir: string): Promise<SyncResult & { cas: string[]; numbers: number[] }> {
+  const r = await syncMosquitto(authority, dir, { crl: true, acl: true });
+  return { ...r, cas: r.cas ?? [], numbers: r.numbers ?? [] };
+}
+
+/** Audit actions that change what the broker must know. */
+const CRL_ACTIONS = new Set(['certificate.revoke', 'revocation.bulk', 'device.revoke', 'device.decommission']);
+const ACL_ACTIONS = new Set(['device.register', 'device.reregister', 'device.suspend', 'device.resume', 'device.revoke', 'device.decommission']);
+const KICK_ACTIONS = new Set(['device.suspend', 'device.revoke', 'device.decommission']);
+const WATCHED = [...new Set([...CRL_ACTIONS, ...ACL_ACTIONS])];
+
+async function headSeq(store: Store): Promise<number> {
+  const r = await store.db.selectFrom('audit_log').select((eb) => eb.fn.max('seq').as('seq')).executeTakeFirst();
+  return r?.seq === null || r?.seq === undefined ? 0 : Number(r.seq);
+}
+
+export interface KeepInStepOptions {
+  /** Full refresh (CRL and ACL) interval. Default hourly (the full CRLs are valid 7 days and made again daily). */
+  readonly everyMs?: number;
+  /** How often the audit log is read for changes made by other processes. Default 200 ms. */
+  readonly pollMs?: number;
+  readonly onError?: (err: unknown) => void;
+  /** Called after every sync that did something. */
+  readonly onSync?: (result: SyncResult) => void;
+}
+
+/**
+ * Keeps DIR in step with the authority until the returned function is called: at once (CRL and ACL), on
+ * every change the audit log shows (revocations, device suspension / resumption / registration /
+ * decommissioning, product policy changes, CA changes; read every `pollMs`, and at once on the authority's
+ * 'revoked' events), and every `everyMs`. Devices revoked, suspended or decommissioned are disconnected
+ * at once when the configuration has an admin listener. Failures go to `onError` (default: stderr) and
+ * the work is retried a few seconds later.
+ */
+export function keepMosquittoInStep(authority: Authority, dir: string, options: KeepInStepOptions = {}): () => void {
+  const onError = options.onError ?? ((err: unknown) => process.stderr.write(`hallmark: broker refresh failed: ${(err as Error).message ?? String(err)}\n`));
+  const store = authority.store;
+  let lastSeq: number | undefined;
+  let pending = { crl: true, acl: true, kick: new Set<string>() };
   let running: Promise<unknown> | undefined;
   let again = false;
   let stopped = false;
-  let debounce: NodeJS.Timeout | undefined;
+  let retryAt = 0;
+  let admin: MosquittoAdmin | undefined;
+
+  const adminConnection = async (): Promise<MosquittoAdmin | undefined> => {
+    if (stopped) throw new Error('stopped');
+    if (admin?.connected) return admin;
+    admin?.close();
+    admin = undefined;
+    const credentials = await readAdminCredentials(dir);
+    if (!credentials) return undefined;
+    admin = await MosquittoAdmin.open(credentials);
+    return admin;
+  };
+
+  const readAudit = async (): Promise<void> => {
+    if (lastSeq === undefined) { lastSeq = await headSeq(store); return; }
+    const head = await headSeq(store);
+    if (head <= lastSeq) return;
+    const rows = await store.db.selectFrom('audit_log').select(['seq', 'action', 'target', 'details'])
+      .where('seq', '>', lastSeq).where('seq', '<=', head)
+      .where((eb) => eb.or([eb('action', 'in', WATCHED), eb('action', 'like', 'product.%'), eb('action', 'like', 'ca.%')]))
+      .orderBy('seq').execute();
+    for (const r of rows) {
+      if (CRL_ACTIONS.has(r.action) || r.action.startsWith('ca.')) pending.crl = true;
+      if (ACL_ACTIONS.has(r.action) || r.action.startsWith('product.')) pending.acl = true;
+      if (KICK_ACTIONS.has(r.action)) pending.kick.add(r.target);
+      if (r.action === 'certificate.revoke') {
+        try {
+          const device = (JSON.parse(r.details) as { device?: unknown }).device;
+          if (typeof device === 'string' && device) pending.kick.add(device);
+        } catch { /* not JSON: no device to disconnect */ }
+      }
+    }
+    lastSeq = head;
+  };
+
+  const cycle = async (): Promise<void> => {
+    await readAudit();
+    if (Date.now() < retryAt) return;
+    const job = pending;
+    if (!job.crl && !job.acl && job.kick.size === 0) return;
+    pending = { crl: false, acl: false, kick: new Set() };
+    try {
+      const r = await syncMosquitto(authority, dir, { crl: job.crl, acl: job.acl, kick: job.kick, admin: adminConnection });
+      if (r.kickError) onError(new Error(`could not disconnect ${[...job.kick].join(', ')}: ${r.kickError}`));
+      if (r.kick?.failed.length) onError(new Error(`could not disconnect ${r.kick.failed.map((f) => `${f.udid} (${f.error})`).join(', ')}`));
+      if (r.acl?.warnings.length) for (const w of r.acl.warnings) onError(new Error(`broker ACL: ${w}`));
+      for (const w of r.crlSkipped ?? []) onError(new Error(`broker CRL: no CRL for ${w}`));
+      if (r.reloadUnconfirmed && r.reloadUnconfirmed !== 'no admin listener') onError(new Error(`could not see the broker finish its reload: ${r.reloadUnconfirmed}`));
+      options.onSync?.(r);
+    } catch (err) {
+      // Put the work back and try again in a few seconds (kicks are not repeated: the CRL and ACL still hold).
+      pending.crl ||= job.crl;
+      pending.acl ||= job.acl;
+      retryAt = Date.now() + 5000;
+      throw err;
+    }
+  };
+
   const run = (): void => {
     if (stopped) return;
     if (running) { again = true; return; }
-    running = refreshMosquittoCrl(authority, dir).catch(onError).finally(() => {
+    running = cycle().catch(onError).finally(() => {
       running = undefined;
+      if (stopped) { admin?.close(); admin = undefined; return; }
       if (again) { again = false; run(); }
     });
   };
-  const onRevoked = (_event: RevokedEvent): void => {
-    if (debounce) return;
-    debounce = setTimeout(() => { debounce = undefined; run(); }, options.debounceMs ?? 50);
-    debounce.unref();
-  };
+  const onRevoked = (): void => run();
   authority.events.on('revoked', onRevoked);
-  const timer = setInterval(run, options.everyMs ?? 3_600_000);
-  timer.unref();
-  run(); // at once: the file may have gone stale while nothing kept it
+  const poll = setInterval(run, options.pollMs ?? 200);
+  poll.unref();
+  const full = setInterval(() => { pending.crl = true; pending.acl = true; run(); }, options.everyMs ?? 3_600_000);
+  full.unref();
+  // At once: the files may have gone stale while nothing kept them. The audit tail starts from here.
+  void headSeq(store).then((s) => { lastSeq ??= s; }, () => {}).finally(run);
   return () => {
     stopped = true;
     authority.events.off('revoked', onRevoked);
-    clearInterval(timer);
-    if (debounce) clearTimeout(debounce);
+    clearInterval(poll);
+    clearInterval(full);
+    admin?.close();
+    admin = undefined;
   };
 }

@@ -24,6 +24,7 @@ import { connectCheckCommand } from './commands/connect.js';
 import { brokerMosquittoCommand, brokerMosquittoCrlCommand } from './commands/broker.js';
 import { demoCommand } from './commands/demo.js';
 import { simulateCommand } from './commands/simulate.js';
+import { productPolicyCommand } from './commands/product-policy.js';
 import { stationExportCommand, stationInitCommand, stationSignCommand, stationStatusCommand } from './commands/station-offline.js';
 import { stationCreateCommand, stationImportCommand, stationInstallCommand, stationListCommand } from './commands/station-online.js';
 import { stampFlashedCommand, stampGenerateCommand, stampStatusCommand } from './commands/stamp.js';
@@ -43,6 +44,7 @@ const COMMANDS: readonly Command[] = [
   connectCheckCommand,
   demoCommand,
   simulateCommand,
+  productPolicyCommand,
   stationCreateCommand, stationInstallCommand, stationImportCommand, stationListCommand,
   stationInitCommand, stationSignCommand, stationExportCommand, stationStatusCommand,
   stampGenerateCommand, stampStatusCommand, stampFlashedCommand,

@@ -2,22 +2,23 @@
 // directory (generated passphrase), the servers in this process on free ports, a product, a line on
 // issuing-1, a batch that registers unknown keys and a claim; a Mosquitto (the machine's binary)
 // configured by writeMosquittoConfig on a free port; N simulated devices (src/demo/simulator.ts) that
-// enrol over EST with the claim and publish heartbeats over MQTT/TLS. Then one device is revoked and
-// the broker's CRL refreshed: that device is refused at its next connection while the others keep
-// publishing. Last, a clone: another device's certificate presented with a different key is refused.
+// enrol over EST with the claim and publish heartbeats over MQTT/TLS. keepMosquittoInStep runs as in
+// `hallmark serve --broker-dir`. Then one device is revoked: the broker disconnects it at once (dynamic
+// security plugin) and refuses its next connection (CRL), while the others keep publishing. Last, a
+// clone: another device's certificate presented with a different key is refused.
 // Everything is stopped and the directory removed at the end, failure or not.
 
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Authority } from '../authority/authority.js';
 import { initAuthority } from '../authority/init.js';
-import { refreshMosquittoCrl, writeMosquittoConfig } from '../broker/mosquitto.js';
+import { keepMosquittoInStep, writeMosquittoConfig, type SyncResult } from '../broker/mosquitto.js';
+import { MOSQUITTO_BINARY, MosquittoProcess } from '../broker/mosquitto-process.js';
 import { createClaim } from '../enrollment/claims.js';
 import { createLogger } from '../log.js';
 import { encodePem } from '../pki/pem.js';
@@ -25,7 +26,7 @@ import { startServers, type RunningServers } from '../server/servers.js';
 import { connectOnce, Fleet, formatStats, type FleetStats } from './simulator.js';
 import { freePort } from '../net.js';
 
-export const MOSQUITTO_BINARY = '/usr/sbin/mosquitto';
+export { MOSQUITTO_BINARY } from '../broker/mosquitto-process.js';
 const ACTOR = 'demo';
 
 export interface DemoOptions {
@@ -56,6 +57,10 @@ export interface DemoSummary extends FleetStats {
     readonly error?: string;
     /** Its connection attempts after the revocation (the CRL reload is asynchronous). */
     readonly attempts: number;
+    /** Milliseconds from the revocation to the broker ending the device's open session, when it did. */
+    readonly disconnectedMs?: number;
+    /** How the broker ended it (MQTT v5 DISCONNECT reason). */
+    readonly disconnectReason?: string;
   };
   /** Heartbeats the other devices published between the revocation and the end of the second phase. */
   readonly othersHeartbeatsAfterRevocation: number;
@@ -75,44 +80,6 @@ export interface DemoSummary extends FleetStats {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-class MosquittoProcess {
-  child: ChildProcess | undefined;
-  log = '';
-  constructor(readonly binary: string, readonly config: string, readonly port: number) {}
-
-  async start(): Promise<void> {
-    const child = spawn(this.binary, ['-c', this.config], { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.child = child;
-    const keep = (d: Buffer): void => { this.log = (this.log + d.toString()).slice(-64_000); };
-    child.stdout!.on('data', keep);
-    child.stderr!.on('data', keep);
-    const spawnError = new Promise<Error>((r) => child.once('error', r));
-    let failed: Error | undefined;
-    void spawnError.then((e) => { failed = e; });
-    const deadline = Date.now() + 10_000;
-    for (;;) {
-      if (failed) throw new Error(`cannot start ${this.binary}: ${failed.message}`);
-      if (child.exitCode !== null) throw new Error(`mosquitto exited (${child.exitCode}):\n${this.log}`);
-      const ok = await new Promise<boolean>((resolve) => {
-        const sock = connect(this.port, '127.0.0.1', () => { sock.destroy(); resolve(true); });
-        sock.once('error', () => resolve(false));
-      });
-      if (ok) return;
-      if (Date.now() > deadline) throw new Error(`mosquitto did not listen on ${this.port}:\n${this.log}`);
-      await sleep(50);
-    }
-  }
-
-  async stop(): Promise<void> {
-    const child = this.child;
-    if (!child || child.exitCode !== null || child.signalCode !== null) return;
-    const exited = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    await Promise.race([exited, sleep(3000)]);
-    if (child.exitCode === null && child.signalCode === null) { child.kill('SIGKILL'); await exited; }
-  }
-}
 
 function runTool(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
@@ -142,6 +109,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoSummary> {
   let servers: RunningServers | undefined;
   let broker: MosquittoProcess | undefined;
   let fleet: Fleet | undefined;
+  let stopSync: (() => void) | undefined;
   try {
     // 1. The authority.
     log(`[1/7] initialising an authority in ${dataDir}`);
@@ -168,10 +136,13 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoSummary> {
     // 4. The broker.
     const port = await freePort();
     const config = await writeMosquittoConfig(authority, { dir: join(dataDir, 'broker'), port, actor: ACTOR });
-    broker = new MosquittoProcess(binary, config.files.config, port);
+    broker = new MosquittoProcess(config.files.config, port, { binary, keepLog: 64_000 });
     await broker.start();
     const brokerUrl = `mqtts://127.0.0.1:${port}`;
-    log(`[4/7] mosquitto listening on ${brokerUrl} (config ${config.files.config})`);
+    log(`[4/7] mosquitto listening on ${brokerUrl} (config ${config.files.config}); ${config.admin ? `admin listener ${config.admin.socket ?? `port ${config.admin.port}`} (dynamic security plugin)` : 'no dynamic security plugin: open sessions cannot be cut'}`);
+    // As hallmark serve --broker-dir does: CRL and ACL follow the registry, revoked devices are disconnected.
+    const syncs: SyncResult[] = [];
+    stopSync = keepMosquittoInStep(authority, config.dir, { onSync: (r) => syncs.push(r), onError: (err) => log(`      broker sync: ${(err as Error).message}`) });
 
     // 5. The fleet.
     log(`[5/7] ${n} devices: enrol over EST with the claim, connect over MQTT/TLS, heartbeat every ${heartbeatMs} ms`);
@@ -186,12 +157,22 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoSummary> {
     // 6. Revocation.
     const victim = fleet.devices[0]!;
     const others = fleet.devices.filter((d) => d !== victim);
-    log(`[6/7] revoking device ${victim.udid} (keyCompromise) and refreshing the broker's CRL`);
+    log(`[6/7] revoking device ${victim.udid} (keyCompromise); the broker follows (CRL, ACL, disconnection)`);
+    const revokedAt = performance.now();
+    const syncsBefore = syncs.length;
     await authority.revoke({ device: victim.udid }, 'keyCompromise', ACTOR);
-    const refreshed = await refreshMosquittoCrl(authority, config.dir);
-    log(`      crl.pem rewritten (CRL number ${refreshed.numbers.join(', ')}), SIGHUP sent to ${refreshed.signalled ?? 'nobody'}`);
     const othersBefore = fleet.heartbeats(victim);
-    // The reload after SIGHUP is asynchronous: the device retries for a few seconds until refused.
+    // The open session: ended by the broker at once when the configuration has an admin listener.
+    const disconnectDeadline = Date.now() + (config.admin ? 5000 : 0);
+    while (victim.disconnects.length === 0 && Date.now() < disconnectDeadline) await sleep(5);
+    const ended = victim.disconnects[0];
+    const disconnectedMs = ended ? Math.round(ended.at - revokedAt) : undefined;
+    const sync = syncs.slice(syncsBefore).find((r) => r.numbers);
+    if (sync) log(`      crl.pem rewritten (CRL number ${sync.numbers!.join(', ')}), SIGHUP sent to ${sync.signalled ?? 'nobody'}${sync.kick ? `, ${sync.kick.kicked.length} session(s) ended through the admin listener` : ''}`);
+    log(ended
+      ? `      device ${victim.udid.slice(0, 16)}… disconnected by the broker ${disconnectedMs} ms after the revocation (${ended.reason})`
+      : `      device ${victim.udid.slice(0, 16)}… still connected (no admin listener: its open session stays until it closes)`);
+    // Its next connection: refused (the CRL reload may still be under way: retry for a few seconds).
     let attempts = 0;
     let last: Awaited<ReturnType<typeof victim.reconnect>> | undefined;
     const deadline = Date.now() + 8000;
@@ -239,7 +220,10 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoSummary> {
       dataDir,
       serverUrl: servers.httpsUrl,
       brokerUrl,
-      revoked: { udid: victim.udid, refused: revokedRefused, attempts, ...(last?.code !== undefined ? { code: last.code } : {}), ...(last?.error ? { error: last.error } : {}) },
+      revoked: {
+        udid: victim.udid, refused: revokedRefused, attempts, ...(last?.code !== undefined ? { code: last.code } : {}), ...(last?.error ? { error: last.error } : {}),
+        ...(ended ? { disconnectedMs, disconnectReason: ended.reason } : {}),
+      },
       othersHeartbeatsAfterRevocation: othersAfter,
       othersConnectedAtEnd,
       clone: {
@@ -252,6 +236,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoSummary> {
     return summary;
   } finally {
     log('stopping devices, mosquitto and the servers');
+    stopSync?.();
     await fleet?.stop().catch(() => {});
     await broker?.stop().catch(() => {});
     await servers?.close().catch(() => {});

@@ -6,7 +6,9 @@
 //
 // The MQTT client is the mqtt package used directly (not runAgent), so that one device's connection
 // can be dropped and re-made on demand (SimulatedDevice.reconnect) and the outcome of that one attempt
-// — connected, or refused with the error — is returned to the caller.
+// — connected, or refused with the error — is returned to the caller. A session the broker ends (an MQTT v5
+// DISCONNECT, e.g. 0x98 "administrative action" when Hallmark disconnects a revoked or suspended device)
+// is recorded with its reason and time; the device does not reconnect by itself.
 
 import { createECDH, createPrivateKey, type KeyObject } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
@@ -115,6 +117,39 @@ export function connectOnce(options: {
   });
 }
 
+/** A session the broker ended: an MQTT v5 DISCONNECT with its reason, or the connection simply closing. */
+export interface BrokerDisconnect {
+  /** performance.now() when it was seen. */
+  readonly at: number;
+  readonly reasonCode?: number;
+  readonly reason: string;
+}
+
+/** MQTT v5 DISCONNECT reason codes a broker sends (§3.14.2.1), the common ones. */
+const DISCONNECT_REASONS: Readonly<Record<number, string>> = {
+  0x00: 'normal disconnection', 0x80: 'unspecified error', 0x81: 'malformed packet', 0x82: 'protocol error', 0x87: 'not authorized',
+  0x89: 'server busy', 0x8b: 'server shutting down', 0x8d: 'keep alive timeout', 0x8e: 'session taken over', 0x90: 'topic name invalid',
+  0x93: 'receive maximum exceeded', 0x95: 'packet too large', 0x97: 'quota exceeded', 0x98: 'administrative action', 0x9c: 'use another server',
+};
+
+export function disconnectReason(code: number | undefined): string {
+  if (code === undefined) return 'connection closed by the broker';
+  return `DISCONNECT 0x${code.toString(16).padStart(2, '0')} ${DISCONNECT_REASONS[code] ?? 'reason'}`;
+}
+
+/** A short, device-independent reason for a refused connection (for grouping in the summary). */
+export function connectionRefusal(o: ConnectOutcome): string {
+  const text = `${o.code ?? ''} ${o.error ?? ''}`;
+  if (/certificate revoked|alert number 44/i.test(text)) return 'TLS alert: certificate revoked';
+  if (/unknown ca|alert number 48/i.test(text)) return 'TLS alert: unknown CA';
+  if (/certificate expired|alert number 45/i.test(text)) return 'TLS alert: certificate expired';
+  if (/key values mismatch/i.test(text)) return 'the certificate does not match the key';
+  if (/TIMEOUT|timed out/i.test(text)) return 'timed out';
+  if (/ECONNREFUSED/.test(text)) return 'connection refused (is the broker running?)';
+  if (/ECONNRESET|socket hang up|CLOSED|disconnected before/i.test(text)) return 'connection closed by the broker during the handshake';
+  return (o.code !== undefined ? `${o.code}` : (o.error ?? 'refused')).slice(0, 120);
+}
+
 export class SimulatedDevice {
   readonly key: DeviceKey;
   readonly privateKey: KeyObject;
@@ -123,7 +158,13 @@ export class SimulatedDevice {
   connectMs: number[] = [];
   heartbeatMs: number[] = [];
   heartbeats = 0;
+  /** Heartbeats the broker refused (MQTT v5 PUBACK with an error reason, e.g. 0x87 not authorized). */
+  heartbeatsRefused = 0;
   errors: string[] = [];
+  /** Why the last enrolment or connection attempt was refused, when it was. */
+  refusal: string | undefined;
+  /** Sessions the broker ended. */
+  disconnects: BrokerDisconnect[] = [];
   certPem = '';
   #client: MqttClient | undefined;
   #timer: NodeJS.Timeout | undefined;
@@ -139,7 +180,14 @@ export class SimulatedDevice {
 
   async enrol(): Promise<EnrolmentInfo> {
     const t0 = performance.now();
-    this.enrolment = await enrol({ server: this.o.server, trust: this.o.trust, key: this.key, stateDir: this.stateDir, claim: this.o.claim });
+    try {
+      this.enrolment = await enrol({ server: this.o.server, trust: this.o.trust, key: this.key, stateDir: this.stateDir, claim: this.o.claim });
+    } catch (err) {
+      const e = err as { code?: unknown; message?: string };
+      this.refusal = `enrolment: ${typeof e.code === 'string' ? `${e.code} ` : ''}${e.message ?? String(err)}`.trim();
+      throw err;
+    }
+    this.refusal = undefined;
     this.enrolMs = performance.now() - t0;
     const state = await readState(this.stateDir);
     this.certPem = state.certPem + state.chainPem;
@@ -155,13 +203,23 @@ export class SimulatedDevice {
     });
     if (!client) {
       this.errors.push(`${outcome.code ?? ''} ${outcome.error}`.trim());
+      this.refusal = `connection: ${connectionRefusal(outcome)}`;
       return outcome;
     }
     if (this.#stopped) { client.end(true); return { ok: false, error: 'stopped', ms: outcome.ms }; }
+    this.refusal = undefined;
     this.connectMs.push(outcome.ms);
     this.#client = client;
+    let ended: BrokerDisconnect | undefined;
     client.on('error', (err) => this.errors.push(err.message));
-    client.on('close', () => { if (this.#client === client) this.#drop(); });
+    client.on('disconnect', (packet) => {
+      ended = { at: performance.now(), reasonCode: packet.reasonCode ?? 0, reason: disconnectReason(packet.reasonCode ?? 0) };
+    });
+    client.on('close', () => {
+      if (this.#client !== client) return; // we closed it ourselves
+      this.disconnects.push(ended ?? { at: performance.now(), reason: disconnectReason(undefined) });
+      this.#drop();
+    });
     this.#startHeartbeat(client);
     return outcome;
   }
@@ -175,7 +233,11 @@ export class SimulatedDevice {
       if (this.#client !== client || !client.connected) return;
       const t0 = performance.now();
       client.publish(topic, JSON.stringify({ udid: this.udid, at: new Date().toISOString(), serial: this.enrolment?.serial }), { qos: 1 }, (err) => {
-        if (err) return;
+        if (err) {
+          // A PUBACK with an error reason (MQTT v5) comes back as an error with its code; a dropped connection too.
+          if (typeof (err as { code?: unknown }).code === 'number') this.heartbeatsRefused++;
+          return;
+        }
         this.heartbeats++;
         this.heartbeatMs.push(performance.now() - t0);
       });
@@ -231,7 +293,15 @@ export interface FleetStats {
   readonly devices: number;
   readonly enrolled: number;
   readonly connected: number;
+  /** Devices connected when the stats were taken. */
+  readonly connectedNow: number;
   readonly heartbeats: number;
+  /** Heartbeats the broker refused (PUBACK error reason). */
+  readonly heartbeatsRefused: number;
+  /** Devices whose last enrolment or connection attempt was refused, by reason. */
+  readonly refused: { readonly count: number; readonly reasons: Readonly<Record<string, number>> };
+  /** Sessions the broker ended, by reason (a device counts once per session). */
+  readonly disconnected: { readonly count: number; readonly reasons: Readonly<Record<string, number>> };
   readonly latencyMs: { readonly enrol: Latency; readonly connect: Latency; readonly heartbeat: Latency };
 }
 
@@ -286,11 +356,22 @@ export class Fleet {
 
   stats(): FleetStats {
     const ds = this.devices;
+    const group = (items: readonly string[]): Record<string, number> => {
+      const out: Record<string, number> = {};
+      for (const r of items) out[r] = (out[r] ?? 0) + 1;
+      return out;
+    };
+    const refusals = ds.flatMap((d) => (d.refusal ? [d.refusal] : []));
+    const disconnects = ds.flatMap((d) => d.disconnects.map((x) => x.reason));
     return {
       devices: ds.length,
       enrolled: ds.filter((d) => d.enrolment).length,
       connected: ds.filter((d) => d.connectMs.length > 0).length,
+      connectedNow: ds.filter((d) => d.connected).length,
       heartbeats: this.heartbeats(),
+      heartbeatsRefused: ds.reduce((n, d) => n + d.heartbeatsRefused, 0),
+      refused: { count: refusals.length, reasons: group(refusals) },
+      disconnected: { count: disconnects.length, reasons: group(disconnects) },
       latencyMs: {
         enrol: latency(ds.flatMap((d) => (d.enrolMs === undefined ? [] : [d.enrolMs]))),
         connect: latency(ds.flatMap((d) => d.connectMs)),
@@ -306,10 +387,16 @@ export class Fleet {
 
 export function formatStats(s: FleetStats): string[] {
   const l = (x: Latency): string => `p50 ${x.p50} ms, p99 ${x.p99} ms (n=${x.n})`;
+  const reasons = (r: Readonly<Record<string, number>>): string[] =>
+    Object.entries(r).sort((a, b) => b[1] - a[1]).map(([why, n]) => `             ${n} × ${why}`);
   return [
     `  enrolled   ${s.enrolled}/${s.devices}`,
-    `  connected  ${s.connected}/${s.devices}`,
-    `  heartbeats ${s.heartbeats}`,
+    `  connected  ${s.connected}/${s.devices} (${s.connectedNow} still connected)`,
+    `  refused    ${s.refused.count}`,
+    ...reasons(s.refused.reasons),
+    `  disconnected by the broker ${s.disconnected.count}`,
+    ...reasons(s.disconnected.reasons),
+    `  heartbeats ${s.heartbeats}${s.heartbeatsRefused ? ` (${s.heartbeatsRefused} refused by the broker)` : ''}`,
     `  latency    enrol ${l(s.latencyMs.enrol)}`,
     `             connect ${l(s.latencyMs.connect)}`,
     `             heartbeat (PUBACK) ${l(s.latencyMs.heartbeat)}`,

@@ -1,5 +1,7 @@
 // `npm run demo` end to end with 10 devices: the real Mosquitto (/usr/sbin/mosquitto), the servers in
-// this process. Outside CI a missing mosquitto skips with the reason; under CI=true it fails.
+// this process. The revoked device's open session is ended by the broker within a second (dynamic
+// security plugin) and its next connection refused. Outside CI a missing mosquitto skips with the
+// reason; under CI=true it fails.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -37,6 +39,9 @@ test('runDemo: 10 devices enrol and connect, the revoked one and a clone are ref
 
   assert.ok(s.revoked.refused, diag);
   assert.match(`${s.revoked.code} ${s.revoked.error}`, /revoked/i, diag);
+  assert.equal(s.revoked.disconnectReason, 'DISCONNECT 0x98 administrative action', diag);
+  assert.ok(s.revoked.disconnectedMs !== undefined && s.revoked.disconnectedMs < 1000, diag);
+  assert.equal(s.disconnected.count, 0, 'the stats were taken before the revocation');
   assert.ok(s.othersHeartbeatsAfterRevocation >= 9, diag);
   assert.equal(s.othersConnectedAtEnd, 9, diag);
 

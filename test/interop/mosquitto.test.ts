@@ -122,10 +122,18 @@ describe('Mosquitto with Hallmark identities', { skip }, () => {
   test('the generated files: listener with require_certificate and use_identity_as_username, the key 0600, the CN is the UDID', async () => {
     const conf = await readFile(config.files.config, 'utf8');
     assert.match(conf, new RegExp(`^listener ${port} 127\\.0\\.0\\.1$`, 'm'));
-    for (const line of ['require_certificate true', 'use_identity_as_username true', `crlfile ${config.files.crl}`, `cafile ${config.files.ca}`, `pid_file ${config.files.pid}`, `acl_file ${config.files.acl}`]) {
+    for (const line of ['per_listener_settings true', 'require_certificate true', 'use_identity_as_username true', `crlfile ${config.files.crl}`, `cafile ${config.files.ca}`, `pid_file ${config.files.pid}`, `acl_file ${config.files.acl}`]) {
       assert.ok(conf.split('\n').includes(line), `mosquitto.conf has "${line}"`);
     }
-    assert.match(await readFile(config.files.acl, 'utf8'), /^pattern write devices\/%u\/#\npattern read devices\/%u\/commands\/#$/m);
+    // The device listener's section (after its listener line) has the ACL and no plugin; the plugin serves only the admin listener before it.
+    const deviceSection = conf.slice(conf.indexOf(`listener ${port} `));
+    assert.doesNotMatch(deviceSection, /^plugin /m);
+    // One product on the default policy: pattern lines serve every device.
+    const acl = await readFile(config.files.acl, 'utf8');
+    assert.match(acl, /^# Layout: uniform/m);
+    assert.match(acl, /^pattern write devices\/%u\/#\npattern read devices\/%u\/commands\/#$/m);
+    assert.doesNotMatch(acl, /^user /m);
+    assert.equal(config.acl.layout, 'uniform');
     const { statSync } = await import('node:fs');
     assert.equal(statSync(config.files.key).mode & 0o777, 0o600);
     assert.match(await readFile(config.files.crl, 'utf8'), /^-----BEGIN X509 CRL-----/);

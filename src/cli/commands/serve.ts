@@ -25,7 +25,8 @@ GET /healthz. The root key is never needed.
 --est-per-client N       EST requests per minute per client address (default ${DEFAULT_EST_PER_CLIENT_PER_MINUTE}; 0: no limit,
                          e.g. behind a load balancer that hides client addresses)
 --request-timeout S      a request must arrive whole within S seconds (default ${REQUEST_TIMEOUT_MS / 1000}); slow clients are cut off
---broker-dir DIR         keep the CRL of a "hallmark broker mosquitto" configuration current (on revocation, hourly; SIGHUP)
+--broker-dir DIR         keep a "hallmark broker mosquitto" configuration in step: CRL and ACL (SIGHUP), and revoked,
+                         suspended or decommissioned devices disconnected at once (docs/broker.md)
 
 --dev: when the home is not initialised, create a DEVELOPMENT authority there first (org
 "Hallmark Development"; passphrase from HALLMARK_PASSPHRASE, or generated and stored in
@@ -64,7 +65,7 @@ GET /healthz. The root key is never needed.
       requestTimeoutMs: requestTimeout === undefined ? undefined : requestTimeout * 1000,
     });
     log.info({ https: servers.httpsUrl, http: servers.httpUrl, store: authority.store.describe() }, 'hallmark serving');
-    const stopBroker = str(args, 'broker-dir') ? keepMosquittoInStep(authority, str(args, 'broker-dir')!, { onError: (err) => log.warn({ err }, 'broker CRL refresh failed') }) : undefined;
+    const stopBroker = str(args, 'broker-dir') ? keepMosquittoInStep(authority, str(args, 'broker-dir')!, { onError: (err) => log.warn({ err }, 'broker sync failed') }) : undefined;
     await new Promise<void>((resolve) => {
       const stop = () => resolve();
       process.once('SIGINT', stop);

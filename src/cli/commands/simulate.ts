@@ -27,8 +27,11 @@ export const simulateCommand: Command = {
 Each device gets its own P-256 key (in memory), enrols with the claim (which needs N uses in a batch
 that allows unregistered keys), connects to the broker with its certificate trusting only --trust,
 and publishes a QoS 1 heartbeat on devices/<UDID>/heartbeat every --heartbeat for --duration. Then it
-prints enrolled / connected / heartbeats and latencies (p50, p99). Exits 1 unless every device
-enrolled and connected.
+prints a summary: enrolled, connected (and still connected), refused with the reasons (enrolment or
+connection), sessions the broker ended with the reasons (e.g. DISCONNECT 0x98 administrative action:
+a device revoked or suspended while "hallmark serve --broker-dir" keeps the broker in step; a device
+does not reconnect by itself), heartbeats (and those the broker refused), latencies (p50, p99).
+Exits 1 unless every device enrolled and connected.
   --claim ID:SECRET   or HALLMARK_CLAIM`,
   options: {
     devices: { type: 'string' }, server: { type: 'string' }, broker: { type: 'string' }, trust: { type: 'string' }, claim: { type: 'string' },
