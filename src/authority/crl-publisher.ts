@@ -17,6 +17,12 @@
 //              every new full CRL, and when less than half its validity remains.
 //   freshness  a timer (unref'd, every checkEveryMs) regenerates what is stale and notices revocations
 //              and CRLs made by other processes (a count of revoked rows; the latest stored number).
+//   hold       a suspended device's certificates (status valid, unexpired) are on hold (RFC 5280 §5.3.1
+//              certificateHold, revocation time = the device's updated_at, i.e. its suspension): a full
+//              CRL lists them beside the revoked ones; a delta lists those put on hold since its base
+//              (certificateHold) and those on hold on its base that no longer are (removeFromCRL: the
+//              device was resumed, or the certificate expired). The set of held serials is compared by
+//              the timer and by current(..., { recheck: true }) (the broker sync after a suspend/resume).
 //
 // Only issuing CAs (role intermediate, active, key online) get CRLs here; the offline root's CRL is a
 // root ceremony step, and a factory station's CA (key in the station's token) gets only the CRL its token
@@ -100,7 +106,15 @@ interface CaState {
   delta?: CrlRecord;
   /** Revoked rows the delta query matched when `delta` was made (change detection). */
   deltaCandidates?: number;
+  /** Serials on hold (certificateHold) on `full`. */
+  fullHeld?: ReadonlySet<string>;
+  /** The held serials (sorted, joined) when `delta` was made (change detection). */
+  deltaHeldKey?: string;
 }
+
+interface HeldRow { readonly serial: string; readonly at: string }
+
+const heldKey = (rows: readonly HeldRow[]): string => rows.map((r) => r.serial).sort().join(',');
 
 class NumberTaken extends Error {}
 
@@ -160,12 +174,20 @@ export class CrlPublisher {
     }
   }
 
-  /** The latest CRL of `kind` for CA `caName`, generated first when there is none or it is stale. */
-  async current(caName: string, kind: CrlKind = 'full'): Promise<CrlRecord> {
+  /**
+   * The latest CRL of `kind` for CA `caName`, generated first when there is none or it is stale. With
+   * `recheck`, the store is first looked at for changes this process was not told of (revocations and
+   * CRLs by other processes, devices suspended or resumed), as the freshness timer does.
+   */
+  async current(caName: string, kind: CrlKind = 'full', options: { readonly recheck?: boolean } = {}): Promise<CrlRecord> {
     if (this.#stopped) throw new HallmarkError('INTERNAL', 'the CRL publisher has been stopped');
     const stored = await this.#offlineKeyCrl(caName, kind);
     if (stored) return stored;
     return this.#locked(caName, async () => {
+      if (options.recheck) {
+        const known = this.#states.get(caName);
+        if (known) await this.#detectChanges(known);
+      }
       const state = await this.#state(caName);
       await this.#freshen(state);
       return kind === 'full' ? state.full! : state.delta!;
@@ -275,13 +297,26 @@ export class CrlPublisher {
       state.full = toRecord(caName, full);
       // CRL times are whole seconds: an entry whose true revoked_at is at or after the cutoff shows at most 999 ms earlier.
       const since = state.full.thisUpdate.getTime() - this.#o.overlapMs - 1000;
-      state.fullSerials = new Set(parseCrl(state.full.der).entries.filter((e) => e.revokedAt.getTime() >= since).map((e) => e.serialHex));
+      const parsed = parseCrl(state.full.der).entries;
+      // certificateHold entries of certificates that are not revoked in the store are holds (a suspended device's).
+      const holdSerials = parsed.filter((e) => e.reason === 'certificateHold').map((e) => e.serialHex);
+      const held = new Set<string>();
+      for (let i = 0; i < holdSerials.length; i += 500) {
+        const rows = await db.selectFrom('certificates').select('serial').where('issuer_id', '=', row.id)
+          .where('serial', 'in', holdSerials.slice(i, i + 500)).where('status', '!=', 'revoked').execute();
+        for (const r of rows) held.add(r.serial);
+      }
+      state.fullHeld = held;
+      state.fullSerials = new Set(parsed.filter((e) => e.revokedAt.getTime() >= since && !held.has(e.serialHex)).map((e) => e.serialHex));
     }
     if (delta && state.full && Number(delta.base_number) === state.full.number) {
       state.delta = toRecord(caName, delta);
-      // Revocations made while no publisher was watching (another process, a restart) make it stale.
-      const { entries, candidates } = await this.#deltaEntries(state);
-      if (entries.length === state.delta.entries) state.deltaCandidates = candidates;
+      // Revocations, suspensions and resumptions made while no publisher was watching (another process, a
+      // restart) make it stale: the stored delta is compared entry by entry with what it should list.
+      const { entries, candidates, heldKey: hk } = await this.#deltaEntries(state);
+      const listed = new Set(parseCrl(state.delta.der).entries.map((e) => `${e.serialHex}/${e.reason}`));
+      const same = entries.length === listed.size && entries.every((e) => listed.has(`${e.serialHex}/${!e.reason ? 'unspecified' : e.reason}`));
+      if (same) { state.deltaCandidates = candidates; state.deltaHeldKey = hk; }
       else this.#dirty.add(caName);
     }
     this.#states.set(caName, state);
@@ -301,6 +336,18 @@ export class CrlPublisher {
     const counted = await db.selectFrom('certificates').select((eb) => eb.fn.countAll().as('n'))
       .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('revoked_at', '>=', this.#deltaCutoff(state.full)).executeTakeFirstOrThrow();
     if (Number(counted.n) !== state.deltaCandidates) this.#dirty.add(state.name);
+    else if (heldKey(await this.#heldRows(state.caId)) !== state.deltaHeldKey) this.#dirty.add(state.name);
+  }
+
+  /** The certificates of CA `caId` on hold: valid, unexpired, of a suspended device (suspended at `at`). */
+  async #heldRows(caId: number): Promise<HeldRow[]> {
+    // devices_state (state, udid) finds the suspended devices, certificates_device their certificates.
+    const rows = await this.#source.store.db.selectFrom('devices').innerJoin('certificates', 'certificates.device_udid', 'devices.udid')
+      .select(['certificates.serial as serial', 'devices.updated_at as at'])
+      .where('devices.state', '=', 'suspended').where('certificates.issuer_id', '=', caId)
+      .where('certificates.status', '=', 'valid').where('certificates.not_after', '>', nowIso(this.#o.now()))
+      .orderBy('certificates.id').execute();
+    return rows;
   }
 
   async #freshen(state: CaState): Promise<void> {
@@ -320,13 +367,34 @@ export class CrlPublisher {
     return nowIso(new Date(full.thisUpdate.getTime() - this.#o.overlapMs));
   }
 
-  async #deltaEntries(state: CaState): Promise<{ entries: CrlEntry[]; candidates: number }> {
-    const rows = await this.#source.store.db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
+  async #deltaEntries(state: CaState): Promise<{ entries: CrlEntry[]; candidates: number; heldKey: string }> {
+    const db = this.#source.store.db;
+    const rows = await db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
       .where('issuer_id', '=', state.caId).where('status', '=', 'revoked').where('revoked_at', '>=', this.#deltaCutoff(state.full!))
       .orderBy('id').execute();
     const onBase = state.fullSerials ?? new Set<string>();
-    const entries = rows.filter((r) => !onBase.has(r.serial)).map((r) => ({ serialHex: r.serial, revokedAt: new Date(r.revoked_at!), reason: r.revocation_reason }));
-    return { entries, candidates: rows.length };
+    const entries: CrlEntry[] = rows.filter((r) => !onBase.has(r.serial)).map((r) => ({ serialHex: r.serial, revokedAt: new Date(r.revoked_at!), reason: r.revocation_reason }));
+    // Holds (RFC 5280 §5.3.1): put on hold since the base -> certificateHold; on hold on the base and no
+    // longer (resumed, expired) -> removeFromCRL, unless revoked meanwhile (then listed as revoked above).
+    const held = await this.#heldRows(state.caId);
+    const heldNow = new Set(held.map((r) => r.serial));
+    const baseHeld = state.fullHeld ?? new Set<string>();
+    for (const r of held) if (!baseHeld.has(r.serial)) entries.push({ serialHex: r.serial, revokedAt: new Date(r.at), reason: 'certificateHold' });
+    const listed = new Set(entries.map((e) => e.serialHex));
+    const released = [...baseHeld].filter((s) => !heldNow.has(s) && !listed.has(s));
+    if (released.length > 0) {
+      const at = this.#thisUpdate();
+      for (let i = 0; i < released.length; i += 500) {
+        const chunk = released.slice(i, i + 500);
+        const revoked = new Map((await db.selectFrom('certificates').select(['serial', 'revoked_at', 'revocation_reason'])
+          .where('issuer_id', '=', state.caId).where('serial', 'in', chunk).where('status', '=', 'revoked').execute()).map((r) => [r.serial, r]));
+        for (const s of chunk) {
+          const r = revoked.get(s);
+          entries.push(r ? { serialHex: s, revokedAt: new Date(r.revoked_at ?? 0), reason: r.revocation_reason } : { serialHex: s, revokedAt: at, reason: 'removeFromCRL' });
+        }
+      }
+    }
+    return { entries, candidates: rows.length, heldKey: heldKey(held) };
   }
 
   async #makeFull(state: CaState): Promise<void> {
@@ -358,22 +426,28 @@ export class CrlPublisher {
       const last = rows[rows.length - 1]!;
       after = { revokedAt: last.revoked_at!, id: Number(last.id) };
     }
+    // Certificates on hold (a suspended device's): certificateHold, dated when the device was suspended.
+    const held = await this.#heldRows(state.caId);
+    for (const r of held) writer.add(r.serial, r.at, 'certificateHold');
     const freshestCrlUrl = this.#o.publicUrl ? `${this.#o.publicUrl}/crl/${state.name}-delta.crl` : undefined;
     state.full = await this.#issue(state, 'full', thisUpdate, writer, { freshestCrlUrl });
     state.fullSerials = recent;
+    state.fullHeld = new Set(held.map((r) => r.serial));
     state.delta = undefined;
     state.deltaCandidates = undefined;
+    state.deltaHeldKey = undefined;
   }
 
   async #makeDelta(state: CaState): Promise<void> {
     this.#dirty.delete(state.name); // before reading: a revocation from now on marks it again
-    const { entries, candidates } = await this.#deltaEntries(state);
+    const { entries, candidates, heldKey: hk } = await this.#deltaEntries(state);
     if (entries.length > this.#o.deltaMaxEntries) {
       await this.#makeFull(state);
       return this.#makeDelta(state);
     }
     state.delta = await this.#issue(state, 'delta', this.#thisUpdate(), entries, { deltaBase: state.full!.number });
     state.deltaCandidates = candidates;
+    state.deltaHeldKey = hk;
   }
 
   #thisUpdate(): Date {

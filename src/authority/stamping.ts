@@ -76,7 +76,7 @@ export interface StampRunReport {
   readonly seconds: number;
 }
 
-const DEFAULT_CHUNK = 256;
+const DEFAULT_CHUNK = 512;
 const MAX_COUNT = 10_000_000;
 const PENDING_PURPOSE = 'stamp-pending-v1';
 /** File writes in flight at once. */

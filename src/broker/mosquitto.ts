@@ -159,7 +159,8 @@ export async function brokerCrls(authority: Authority): Promise<{ pem: string; c
     for (const ca of cas) {
       let crl: CrlRecord;
       try {
-        const delta = await publisher.current(ca.name, 'delta');
+        // recheck: a device suspended or resumed (or a revocation) by another process since the last look.
+        const delta = await publisher.current(ca.name, 'delta', { recheck: true });
         crl = delta.entries > 0 ? (await publisher.regenerate(ca.name)).full : await publisher.current(ca.name, 'full');
       } catch (first) {
         try {
@@ -476,7 +477,8 @@ export async function refreshMosquittoCrl(authority: Authority, dir: string): Pr
 }
 
 /** Audit actions that change what the broker must know. */
-const CRL_ACTIONS = new Set(['certificate.revoke', 'revocation.bulk', 'device.revoke', 'device.decommission']);
+// A suspension puts the device's certificates on hold in the CRL (certificateHold), a resumption takes them off.
+const CRL_ACTIONS = new Set(['certificate.revoke', 'revocation.bulk', 'device.revoke', 'device.decommission', 'device.suspend', 'device.resume']);
 const ACL_ACTIONS = new Set(['device.register', 'device.reregister', 'device.suspend', 'device.resume', 'device.revoke', 'device.decommission']);
 const KICK_ACTIONS = new Set(['device.suspend', 'device.revoke', 'device.decommission']);
 const WATCHED = [...new Set([...CRL_ACTIONS, ...ACL_ACTIONS])];

@@ -4,8 +4,9 @@
 //     (MQTT v5 DISCONNECT 0x98, through the dynamic security plugin's admin listener) and its
 //     reconnection is refused at the TLS handshake (CRL), while another device's session stays up and its
 //     messages keep reaching an independent subscriber (mosquitto_sub);
-//   - `hallmark device suspend`: ended at once; it may connect again (its certificate is valid) but the
-//     broker refuses its every publish (PUBACK 0x87); `hallmark device resume`: accepted again;
+//   - `hallmark device suspend`: ended at once, and its next connection refused at the TLS handshake within
+//     a second (its certificates are on hold in the CRL: certificateHold); `hallmark device resume`:
+//     accepted again within a second; another device publishes every 50 ms throughout, undisturbed;
 //   - `hallmark device decommission`: ended at once and refused at the handshake;
 //   - `hallmark product policy`: a product allowed only telemetry/{udid} — its device's publish to
 //     devices/<UDID>/x and to another device's topic is refused (MQTT v5: PUBACK "Not authorized"; MQTT
@@ -221,37 +222,82 @@ describe('Mosquitto: revoked, suspended and decommissioned devices disconnected 
     watcher.stop();
   });
 
-  test('hallmark device suspend: ended at once and allowed nothing; hallmark device resume: accepted again', async () => {
+  test('hallmark device suspend: ended at once and refused at the handshake (certificateHold); hallmark device resume: accepted again; another device keeps publishing', async () => {
     const c = dev('C');
+    const b = dev('B');
     const sc = await session(c);
     assert.equal(await publish(sc, `devices/${c.udid}/telemetry`, 'before'), 'OK');
-    const r = await hallmark('device', 'suspend', c.udid);
-    const exited = performance.now();
-    assert.equal(r.code, 0, r.stderr);
-    await waitFor('the suspended device\'s session to end', () => sc.closedAt !== undefined, 5000);
-    assert.ok(sc.closedAt! - exited < 1000, `ended ${sc.closedAt! - exited} ms after hallmark device suspend`);
-    assert.equal(sc.reason, 'DISCONNECT 0x98 administrative action');
+    // B publishes every 50 ms throughout; an independent subscriber must get every one of its messages.
+    const sb = await session(b);
+    const bWatch = await subscriber(b, [`devices/${b.udid}/commands/#`]);
+    let sent = 0;
+    const failures: string[] = [];
+    const ticker = setInterval(() => {
+      const n = ++sent;
+      void publish(sb, `devices/${b.udid}/commands/tick`, String(n)).then((r) => { if (r !== 'OK') failures.push(`${n}: ${r}`); });
+    }, 50);
+    const attempt = async (): Promise<Awaited<ReturnType<typeof connectOnce>>> => {
+      const r = await connectOnce({ broker: `mqtts://127.0.0.1:${port}`, trust: rootPem, certPem: c.certPem, key: c.key, clientId: `C-${performance.now().toFixed(0)}`, timeoutMs: 10_000 });
+      return r;
+    };
+    try {
+      const r = await hallmark('device', 'suspend', c.udid);
+      const exited = performance.now();
+      assert.equal(r.code, 0, r.stderr);
+      await waitFor('the suspended device\'s session to end', () => sc.closedAt !== undefined, 5000);
+      assert.ok(sc.closedAt! - exited < 1000, `ended ${sc.closedAt! - exited} ms after hallmark device suspend`);
+      assert.equal(sc.reason, 'DISCONNECT 0x98 administrative action');
 
-    // Its certificate is valid (suspension is reversible): it connects, but every publish is refused.
-    const s2 = await session(c);
-    assert.match(await publish(s2, `devices/${c.udid}/telemetry`, 'while suspended'), /^135 .*not authori[sz]ed/i);
-    const p = await pub(c, `devices/${c.udid}/telemetry`, 'while suspended');
-    assert.match(`${p.stdout}${p.stderr}`, /not authori[sz]ed/i);
-    // The connection decision says why.
-    const check = await run(process.execPath, [BIN, 'connect', 'check', '--cert', c.certFile, '--home', t.home], env());
-    assert.equal(check.code, 1);
-    assert.match(check.stdout, /REFUSED DEVICE_SUSPENDED/);
+      // Its certificates are on hold in the CRL (certificateHold): its next connection is refused at the TLS handshake.
+      let refused: Awaited<ReturnType<typeof connectOnce>> | undefined;
+      while (!refused) {
+        const a = await attempt();
+        if (a.outcome.ok) { a.client?.end(true); assert.ok(performance.now() - exited < 5000, `still accepted 5 s after hallmark device suspend\n${diag()}`); await sleep(10); continue; }
+        refused = a;
+      }
+      const refusedAfter = performance.now() - exited;
+      process.stderr.write(`# suspend: new connection refused ${refusedAfter.toFixed(0)} ms after "hallmark device suspend" exited\n`);
+      assert.ok(refusedAfter < 1000, `refused ${refusedAfter} ms after hallmark device suspend`);
+      assert.match(`${refused.outcome.code} ${refused.outcome.error}`, /certificate revoked/i);
+      const p = await pub(c, `devices/${c.udid}/telemetry`, 'while suspended');
+      assert.notEqual(p.code, 0, 'mosquitto_pub is refused too');
+      // The connection decision says why.
+      const check = await run(process.execPath, [BIN, 'connect', 'check', '--cert', c.certFile, '--home', t.home], env());
+      assert.equal(check.code, 1);
+      assert.match(check.stdout, /REFUSED DEVICE_SUSPENDED/);
 
-    const resumed = await hallmark('device', 'resume', c.udid);
-    assert.equal(resumed.code, 0, resumed.stderr);
-    const resumedAt = performance.now();
-    // The open connection is given the policy again at the broker's reload (no reconnection needed).
-    await waitFor('publishing again after the resumption', async () => (await publish(s2, `devices/${c.udid}/telemetry`, 'resumed')) === 'OK', 3000);
-    assert.ok(performance.now() - resumedAt < 1000, 'accepted within a second of hallmark device resume');
-    const watcher = await subscriber(c, [`devices/${c.udid}/commands/#`]);
-    assert.equal((await pub(c, `devices/${c.udid}/commands/hello`, 'back')).code, 0);
-    await waitFor('the resumed device\'s message at its subscriber', () => watcher.lines().includes(`devices/${c.udid}/commands/hello back`));
-    watcher.stop();
+      const resumed = await hallmark('device', 'resume', c.udid);
+      assert.equal(resumed.code, 0, resumed.stderr);
+      const resumedAt = performance.now();
+      let s2: MqttClient | undefined;
+      while (!s2) {
+        const a = await attempt();
+        if (a.outcome.ok) { s2 = a.client; break; }
+        a.client?.end(true);
+        assert.ok(performance.now() - resumedAt < 5000, `still refused 5 s after hallmark device resume: ${JSON.stringify(a.outcome)}\n${diag()}`);
+        await sleep(10);
+      }
+      const acceptedAfter = performance.now() - resumedAt;
+      process.stderr.write(`# resume: connection accepted ${acceptedAfter.toFixed(0)} ms after "hallmark device resume" exited\n`);
+      assert.ok(acceptedAfter < 1000, `accepted ${acceptedAfter} ms after hallmark device resume`);
+      s2!.on('error', () => {});
+      await waitFor('publishing again after the resumption', async () =>
+        (await new Promise<string>((res) => s2!.publish(`devices/${c.udid}/telemetry`, 'resumed', { qos: 1 }, (err) => res(err ? err.message : 'OK')))) === 'OK', 3000);
+      s2!.end(true);
+      const watcher = await subscriber(c, [`devices/${c.udid}/commands/#`]);
+      assert.equal((await pub(c, `devices/${c.udid}/commands/hello`, 'back')).code, 0);
+      await waitFor('the resumed device\'s message at its subscriber', () => watcher.lines().includes(`devices/${c.udid}/commands/hello back`));
+      watcher.stop();
+    } finally {
+      clearInterval(ticker);
+    }
+    // B: never disconnected, every message acknowledged and delivered.
+    const total = sent;
+    await waitFor('all of B\'s messages at the subscriber', () => new Set(bWatch.lines().filter((l) => l.startsWith(`devices/${b.udid}/commands/tick `))).size === total, 5000);
+    assert.deepEqual(failures, []);
+    assert.equal(sb.closedAt, undefined, 'the other device kept its session');
+    assert.ok(total > 10, `B published ${total} messages meanwhile`);
+    bWatch.stop();
   });
 
   test('hallmark device decommission: ended at once and refused at the handshake', async () => {

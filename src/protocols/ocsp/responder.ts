@@ -12,6 +12,10 @@
 //     the serials' entries, and a response being signed while a revocation happens is not cached.
 //     Revocations made by another process (the CLI on the same store) are found by polling the store
 //     (default every 10 s, an index range scan per CA) and drop their entries the same way.
+//   - A suspended device's certificates are on hold: `revoked` with reason certificateHold (RFC 5280
+//     §5.3.1; revocationTime = the device's updated_at, its suspension), `good` again once it is resumed.
+//     Suspensions and resumptions are found in the audit log (device.suspend / device.resume after the last
+//     seq seen) by the same poll, which drops the device's cached responses.
 //   - Nonces (RFC 8954): a request with a nonce gets a fresh response signed on demand with the nonce
 //     echoed (one signature each; its status read from the store). With nonces: 'ignore' the nonce is
 //     ignored and the cached response is served (RFC 5019 §2.2.1 allows this).
@@ -90,6 +94,8 @@ interface LoadedSigner {
 interface CachedResponse {
   readonly der: Buffer;
   readonly kind: CertStatusValue['kind'];
+  /** Revoked with reason certificateHold (a suspended device's): a later revocation must replace it. */
+  readonly hold: boolean;
   readonly producedAt: Date;
   readonly thisUpdate: Date;
   readonly nextUpdate: Date;
@@ -135,6 +141,8 @@ export class OcspResponder {
   /** Bumped by every revocation: a response signed across one is not cached. */
   #epoch = 0;
   #lastPoll: Date;
+  /** The audit log's seq up to which device suspensions / resumptions were looked at (undefined: not yet). */
+  #lastAuditSeq: number | undefined;
   readonly #pollOverlapMs: number;
   readonly #timers: NodeJS.Timeout[] = [];
   readonly #onRevoked = (event: RevokedEvent): void => this.invalidate(event.issuerId, event.serials);
@@ -158,6 +166,9 @@ export class OcspResponder {
       timer.unref();
       this.#timers.push(timer);
     };
+    // Where the audit log is now: suspensions before this are read from the store when a response is signed.
+    void authority.store.db.selectFrom('audit_log').select((eb) => eb.fn.max('seq').as('seq')).executeTakeFirst()
+      .then((r) => { this.#lastAuditSeq ??= r?.seq === null || r?.seq === undefined ? 0 : Number(r.seq); }, () => {});
     every(options.pollIntervalMs ?? 10_000, () => this.pollRevocations());
     every(options.refreshIntervalMs ?? 60_000, () => this.refreshDue());
   }
@@ -268,7 +279,7 @@ export class OcspResponder {
       const nextUpdate = new Date(now.getTime() + this.validityMs);
       const der = await this.#sign(ca, { producedAt: now, responses: [{ certIdDer: certId.der, status, thisUpdate: now, nextUpdate }] });
       const entry: CachedResponse = {
-        der, kind: status.kind, producedAt: now, thisUpdate: now, nextUpdate, certId,
+        der, kind: status.kind, hold: status.kind === 'revoked' && status.reason === REVOCATION_REASONS.certificateHold, producedAt: now, thisUpdate: now, nextUpdate, certId,
         etag: `"${createHash('sha256').update(der).digest('base64url').slice(0, 32)}"`, used: false, refreshing: false,
       };
       if (epoch === this.#epoch && !this.#closed) this.#store(key, alg, entry);
@@ -340,10 +351,29 @@ export class OcspResponder {
     for (const ca of this.#casById.values()) {
       const { rows } = await rawSql<{ serial: string }>(this.authority.store.db, this.authority.store.dialect,
         "select serial from certificates where issuer_id = ? and status = 'revoked' and revoked_at >= ?", [ca.id, since]);
-      const stale = rows.map((r) => r.serial).filter((s) => [...(this.#cache.get(`${ca.id}:${s}`)?.values() ?? [])].some((e) => e.kind !== 'revoked'));
+      const stale = rows.map((r) => r.serial).filter((s) => [...(this.#cache.get(`${ca.id}:${s}`)?.values() ?? [])].some((e) => e.kind !== 'revoked' || e.hold));
       if (stale.length) this.invalidate(ca.id, stale);
     }
+    await this.#pollHolds();
     this.#lastPoll = started;
+  }
+
+  /** Devices suspended or resumed since the last look (the audit log): their certificates' cached responses are dropped. */
+  async #pollHolds(): Promise<void> {
+    const db = this.authority.store.db;
+    const head = await db.selectFrom('audit_log').select((eb) => eb.fn.max('seq').as('seq')).executeTakeFirst();
+    const headSeq = head?.seq === null || head?.seq === undefined ? 0 : Number(head.seq);
+    const from = this.#lastAuditSeq;
+    if (from === undefined || headSeq <= from) { this.#lastAuditSeq = headSeq; return; }
+    const udids = [...new Set((await db.selectFrom('audit_log').select('target').where('seq', '>', from).where('seq', '<=', headSeq)
+      .where('action', 'in', ['device.suspend', 'device.resume']).execute()).map((r) => r.target))];
+    for (let i = 0; i < udids.length; i += 500) {
+      const rows = await db.selectFrom('certificates').select(['issuer_id', 'serial']).where('device_udid', 'in', udids.slice(i, i + 500)).execute();
+      const byCa = new Map<number, string[]>();
+      for (const r of rows) byCa.set(r.issuer_id, [...(byCa.get(r.issuer_id) ?? []), r.serial]);
+      for (const [caId, serials] of byCa) this.invalidate(caId, serials);
+    }
+    this.#lastAuditSeq = headSeq;
   }
 
   // ------------------------------------------------------------ CAs, signers, status
@@ -427,10 +457,14 @@ export class OcspResponder {
 
   async #statusOf(ca: CaEntry, certId: OcspCertId): Promise<CertStatusValue> {
     if (certId.serialHex === null) return { kind: 'unknown' };
-    const { rows } = await rawSql<{ status: string; revoked_at: string | null; revocation_reason: string | null }>(this.authority.store.db, this.authority.store.dialect,
-      'select status, revoked_at, revocation_reason from certificates where issuer_id = ? and serial = ?', [ca.id, certId.serialHex]);
+    const { rows } = await rawSql<{ status: string; revoked_at: string | null; revocation_reason: string | null; device_state: string | null; device_updated_at: string | null }>(this.authority.store.db, this.authority.store.dialect,
+      'select c.status, c.revoked_at, c.revocation_reason, d.state as device_state, d.updated_at as device_updated_at from certificates c left join devices d on d.udid = c.device_udid where c.issuer_id = ? and c.serial = ?', [ca.id, certId.serialHex]);
     const row = rows[0];
     if (!row) return { kind: 'unknown' };
+    // A suspended device's certificate is on hold (RFC 5280 §5.3.1 certificateHold) until it is resumed.
+    if (row.status !== 'revoked' && row.device_state === 'suspended') {
+      return { kind: 'revoked', at: row.device_updated_at ? new Date(row.device_updated_at) : new Date(0), reason: REVOCATION_REASONS.certificateHold };
+    }
     if (row.status !== 'revoked') return { kind: 'good' };
     const reason = REVOCATION_REASONS[row.revocation_reason as keyof typeof REVOCATION_REASONS];
     return { kind: 'revoked', at: row.revoked_at ? new Date(row.revoked_at) : new Date(0), reason: reason === undefined || reason === 0 ? undefined : reason };
