@@ -29,8 +29,9 @@ function caStatus(row: CaRow, now = new Date()): CaInfo['status'] {
   return row.status;
 }
 
-export function describeKeyRef(ref: string | null): string {
-  if (!ref) return 'offline (root directory)';
+export function describeKeyRef(ref: string | null, role: string = 'root'): string {
+  // Without a key reference: the offline root, or a factory station's CA (its key is in the station's token).
+  if (!ref) return role === 'root' ? 'offline (root directory)' : 'offline (factory station token)';
   const k = JSON.parse(ref) as KeyRef;
   return k.backend === 'pkcs11' ? k.id : `file:${k.id}`;
 }
@@ -55,7 +56,7 @@ export class CaDirectory {
       subject: r.subject,
       keyId: r.ski,
       keyAlgorithm: r.key_algorithm,
-      keyLocation: describeKeyRef(r.key_ref),
+      keyLocation: describeKeyRef(r.key_ref, r.role),
       serial: r.serial,
       notBefore: r.not_before,
       notAfter: r.not_after,

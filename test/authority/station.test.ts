@@ -108,6 +108,8 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
     const s = await create(o);
     writeFileSync(join(s.packageDir, STATION_PACKAGE_FILES.certificate), encodePem('CERTIFICATE', await rootSign(s)));
     await installStation(authority, { packageDir: s.packageDir, actor: ACTOR });
+    // `hallmark ca list` says where its key is: not online, not in the root directory.
+    assert.equal((await authority.listCas()).find((c) => c.name === s.ca)?.keyLocation, 'offline (factory station token)');
     return s;
   };
 
