@@ -14,13 +14,14 @@
 // HALLMARK_BENCH_EST_WARMUP untimed enrolments first [1000], HALLMARK_BENCH_EST_MAX_SECONDS a run
 // stops sending new enrolments after this long, whatever its count [30], HALLMARK_BENCH_EST_RUNS
 // [keepalive,newtls], HALLMARK_BENCH_EST_CPU_PROF=DIR: run the server with --cpu-prof into DIR and
-// print a summary of where its main thread spent its time (covers warm-up and every selected run).
+// print a summary of where its main thread spent its time (covers warm-up and every selected run),
+// HALLMARK_BENCH_EST_PROCESSES server processes sharing the port through node:cluster [1].
 
 import { fork, type ChildProcess } from 'node:child_process';
 import { createECDH, createPrivateKey } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
-import { Agent, request } from 'node:https';
+import { connect as tlsConnect, createSecureContext, type SecureContext, type TLSSocket } from 'node:tls';
 import { cpus, tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -140,21 +141,26 @@ async function startServerChild(home: string, logFile: string): Promise<ServerCh
   };
 }
 
-/** CPU time (µs) of each thread of process `pid`, by thread name; the main thread is "main". Linux only ({} elsewhere). */
-function threadCpuUs(pid: number): Record<string, number> {
+/**
+ * CPU time (µs) of each thread of the server processes: "main" (their main threads), "main (system)",
+ * "writer" (the store's writer threads, by the thread ids they report), the rest by name. Linux only ({} elsewhere).
+ */
+function threadCpuUs(processes: readonly { readonly pid: number; readonly writerTid?: number }[]): Record<string, number> {
   const out: Record<string, number> = {};
-  const dir = `/proc/${pid}/task`;
-  if (!existsSync(dir)) return out;
   const tickUs = 1e6 / 100; // USER_HZ
-  for (const tid of readdirSync(dir)) {
-    try {
-      const stat = readFileSync(`${dir}/${tid}/stat`, 'utf8');
-      const close = stat.lastIndexOf(')');
-      const name = Number(tid) === pid ? 'main' : stat.slice(stat.indexOf('(') + 1, close);
-      const f = stat.slice(close + 2).split(' '); // f[0] is field 3 (state); utime, stime are fields 14, 15
-      out[name] = (out[name] ?? 0) + (Number(f[11]) + Number(f[12])) * tickUs;
-      if (name === 'main') out['main (system)'] = Number(f[12]) * tickUs;
-    } catch { /* thread ended */ }
+  for (const { pid, writerTid } of processes) {
+    const dir = `/proc/${pid}/task`;
+    if (!existsSync(dir)) continue;
+    for (const tid of readdirSync(dir)) {
+      try {
+        const stat = readFileSync(`${dir}/${tid}/stat`, 'utf8');
+        const close = stat.lastIndexOf(')');
+        const name = Number(tid) === pid ? 'main' : Number(tid) === writerTid ? 'writer' : stat.slice(stat.indexOf('(') + 1, close);
+        const f = stat.slice(close + 2).split(' '); // f[0] is field 3 (state); utime, stime are fields 14, 15
+        out[name] = (out[name] ?? 0) + (Number(f[11]) + Number(f[12])) * tickUs;
+        if (name === 'main') out['main (system)'] = (out['main (system)'] ?? 0) + Number(f[12]) * tickUs;
+      } catch { /* thread ended */ }
+    }
   }
   return out;
 }
@@ -173,78 +179,193 @@ interface RunSpec {
   readonly csrs: readonly string[];
   readonly spki: readonly Buffer[];
   readonly concurrency: number;
-  /** true: one keep-alive Agent with maxSockets = concurrency; false: agent: false (a new TLS connection per request). */
+  /** true: each client keeps one TLS connection for all its enrolments; false: a new TLS connection (full handshake) per enrolment. */
   readonly keepAlive: boolean;
   /** No new enrolment is sent after this many seconds. */
   readonly maxSeconds: number;
 }
 
-/** Posts every CSR with at most `concurrency` requests outstanding; checks each answer (200, one certificate, the CSR's key). */
-async function enrolAll(spec: RunSpec): Promise<Outcome> {
-  const agent = spec.keepAlive ? new Agent({ keepAlive: true, maxSockets: spec.concurrency, maxFreeSockets: spec.concurrency, ca: spec.ca }) : false;
+interface HttpAnswer { readonly status: number; readonly body: Buffer }
+
+/**
+ * The load generator: a minimal HTTP/1.1 client over raw TLS sockets, one request at a time per
+ * connection. It shares the machine's two cores with the server, and Node's https.request cost it
+ * ~150 µs per keep-alive enrolment and, with agent: false, built a new TLS SecureContext (parsing the
+ * trusted root again) for every connection: ~2.2 ms per new-TLS enrolment, as much as the server's
+ * whole enrolment. Here the SecureContext is made once, the request is one write, the answer is framed
+ * by Content-Length (or chunked), and answers are checked after the timed window.
+ */
+class Http1Connection {
+  readonly socket: TLSSocket;
+  #buf: Buffer = Buffer.alloc(0);
+  #waiting: { resolve(a: HttpAnswer): void; reject(e: Error): void } | undefined;
+  #closed = false;
+  #error: Error | undefined;
+
+  constructor(socket: TLSSocket) {
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => {
+      this.#buf = this.#buf.length === 0 ? chunk : Buffer.concat([this.#buf, chunk]);
+      this.#parse();
+    });
+    const fail = (err: Error): void => {
+      this.#closed = true;
+      this.#error ??= err;
+      const w = this.#waiting;
+      this.#waiting = undefined;
+      w?.reject(this.#error);
+    };
+    socket.on('error', fail);
+    socket.on('close', () => fail(new Error('connection closed before the answer was complete')));
+  }
+
+  get usable(): boolean { return !this.#closed; }
+
+  request(bytes: Buffer): Promise<HttpAnswer> {
+    if (this.#closed) return Promise.reject(this.#error ?? new Error('connection closed'));
+    return new Promise<HttpAnswer>((resolve, reject) => {
+      this.#waiting = { resolve, reject };
+      this.socket.write(bytes);
+    });
+  }
+
+  #parse(): void {
+    if (!this.#waiting) return;
+    const buf = this.#buf;
+    const headEnd = buf.indexOf('\r\n\r\n');
+    if (headEnd < 0) return;
+    const head = buf.toString('latin1', 0, headEnd);
+    const status = Number(head.slice(9, 12));
+    const length = /\r\ncontent-length:\s*(\d+)/i.exec(head);
+    let body: Buffer;
+    let rest: Buffer;
+    if (length) {
+      const n = Number(length[1]);
+      if (buf.length < headEnd + 4 + n) return;
+      body = buf.subarray(headEnd + 4, headEnd + 4 + n);
+      rest = buf.subarray(headEnd + 4 + n);
+    } else if (/\r\ntransfer-encoding:\s*chunked/i.test(head)) {
+      const parts: Buffer[] = [];
+      let at = headEnd + 4;
+      for (;;) {
+        const lineEnd = buf.indexOf('\r\n', at);
+        if (lineEnd < 0) return;
+        const size = parseInt(buf.toString('latin1', at, lineEnd), 16);
+        if (buf.length < lineEnd + 2 + size + 2) return;
+        if (size === 0) { at = lineEnd + 4; break; }
+        parts.push(buf.subarray(lineEnd + 2, lineEnd + 2 + size));
+        at = lineEnd + 2 + size + 2;
+      }
+      body = Buffer.concat(parts);
+      rest = buf.subarray(at);
+    } else {
+      return; // read to the end of the connection: not what the EST server sends
+    }
+    this.#buf = rest.length ? Buffer.from(rest) : Buffer.alloc(0);
+    const w = this.#waiting;
+    this.#waiting = undefined;
+    w.resolve({ status, body: Buffer.from(body) });
+  }
+}
+
+/**
+ * A TLS connection to the server. OpenSSL verifies the server's chain against the root (a failure is an
+ * error); its name is not checked: Node's name check first turns the whole peer chain into JS objects
+ * (getPeerCertificate(true), with SHA-1/256/512 fingerprints of every certificate), measured at over
+ * half of this client's CPU per new connection — load-generator work that only competes with the server
+ * for the two cores.
+ */
+function openConnection(url: URL, secureContext: SecureContext): Promise<Http1Connection> {
+  return new Promise<Http1Connection>((resolve, reject) => {
+    const socket = tlsConnect({ host: url.hostname, port: Number(url.port), secureContext, rejectUnauthorized: true, checkServerIdentity: () => undefined }, () => resolve(new Http1Connection(socket)));
+    socket.getPeerCertificate = (() => ({})) as unknown as TLSSocket['getPeerCertificate'];
+    socket.once('error', reject);
+  });
+}
+
+/** Checks an answer: 200 with a certs-only CMS holding one certificate for the CSR's key. Throws what is wrong. */
+function checkAnswer(answer: HttpAnswer, spki: Buffer): void {
+  const text = answer.body.toString('latin1');
+  if (answer.status !== 200) throw Object.assign(new Error(`HTTP ${answer.status}: ${text.slice(0, 200).trim()}`), { key: `HTTP ${answer.status} ${text.split(':')[0]!.slice(0, 40)}` });
+  const certs = decodeCertsOnly(Buffer.from(text, 'base64'));
+  if (certs.length !== 1) throw new Error(`${certs.length} certificates in the answer`);
+  if (!parseCertificate(certs[0]!).subjectPublicKeyInfo.equals(spki)) throw new Error('the certificate is not for the CSR key');
+}
+
+/**
+ * Posts every CSR with at most `concurrency` requests outstanding; checks each answer (200, one
+ * certificate, the CSR's key) after the run. `timedEnd` is called as soon as the last answer is in,
+ * before the checks (so CPU readings cover the load only).
+ */
+async function enrolAll(spec: RunSpec, timedEnd?: () => void): Promise<Outcome> {
+  const secureContext = createSecureContext({ ca: spec.ca });
   const path = `${spec.url.pathname.replace(/\/$/, '')}/.well-known/est/simpleenroll`;
+  const head = `POST ${path} HTTP/1.1\r\nhost: ${spec.url.host}\r\ncontent-type: application/pkcs10\r\nauthorization: ${spec.authorization}\r\n${spec.keepAlive ? '' : 'connection: close\r\n'}content-length: `;
   const latencies = new Float64Array(spec.csrs.length);
+  const answers: (HttpAnswer | undefined)[] = new Array(spec.csrs.length);
   const errors = new Map<string, number>();
   const firstErrors: string[] = [];
-  let ok = 0;
   let next = 0;
   const fail = (key: string, detail: string): void => {
     errors.set(key, (errors.get(key) ?? 0) + 1);
     if (firstErrors.length < 5) firstErrors.push(detail);
   };
-  const one = (i: number): Promise<void> => new Promise<void>((resolve) => {
-    const body = spec.csrs[i]!;
-    const t0 = process.hrtime.bigint();
-    const req = request({
-      host: spec.url.hostname, port: spec.url.port, path, method: 'POST', agent, ...(agent === false ? { ca: spec.ca } : {}),
-      headers: { 'content-type': 'application/pkcs10', 'content-length': Buffer.byteLength(body), authorization: spec.authorization },
-      timeout: REQUEST_TIMEOUT_MS,
-    }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => {
-        latencies[i] = Number(process.hrtime.bigint() - t0) / 1e6;
-        const text = Buffer.concat(chunks).toString('latin1');
-        if (res.statusCode !== 200) {
-          fail(`HTTP ${res.statusCode} ${text.split(':')[0]!.slice(0, 40)}`, `#${i}: HTTP ${res.statusCode}: ${text.slice(0, 200).trim()}`);
-          return resolve();
+  const connections: Http1Connection[] = [];
+  const lane = async (): Promise<void> => {
+    let conn: Http1Connection | undefined;
+    while (next < spec.csrs.length && process.hrtime.bigint() < deadline) {
+      const i = next++;
+      const body = spec.csrs[i]!;
+      const t0 = process.hrtime.bigint();
+      try {
+        if (!conn || !conn.usable) {
+          conn = await openConnection(spec.url, secureContext);
+          connections.push(conn);
         }
+        const timer = setTimeout(() => conn!.socket.destroy(new Error(`no answer within ${REQUEST_TIMEOUT_MS / 1000} s`)), REQUEST_TIMEOUT_MS);
         try {
-          const certs = decodeCertsOnly(Buffer.from(text, 'base64'));
-          if (certs.length !== 1) throw new Error(`${certs.length} certificates in the answer`);
-          if (!parseCertificate(certs[0]!).subjectPublicKeyInfo.equals(spec.spki[i]!)) throw new Error('the certificate is not for the CSR key');
-          ok++;
-        } catch (err) {
-          fail('bad answer', `#${i}: 200 but ${(err as Error).message}`);
+          answers[i] = await conn.request(Buffer.from(`${head}${body.length}\r\n\r\n${body}`, 'latin1'));
+        } finally {
+          clearTimeout(timer);
         }
-        resolve();
-      });
-      res.on('error', (err) => { fail(`response ${(err as NodeJS.ErrnoException).code ?? err.message}`, `#${i}: ${err.message}`); resolve(); });
-    });
-    req.on('timeout', () => req.destroy(new Error(`no answer within ${REQUEST_TIMEOUT_MS / 1000} s`)));
-    req.on('error', (err) => {
+      } catch (err) {
+        fail(`request ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, `#${i}: ${(err as Error).message}`);
+      }
       latencies[i] = Number(process.hrtime.bigint() - t0) / 1e6;
-      fail(`request ${(err as NodeJS.ErrnoException).code ?? err.message}`, `#${i}: ${err.message}`);
-      resolve();
-    });
-    req.end(body);
-  });
+      if (!spec.keepAlive && conn) {
+        conn.socket.destroy();
+        conn = undefined;
+      }
+    }
+    conn?.socket.end();
+  };
   const start = process.hrtime.bigint();
   const deadline = start + BigInt(Math.round(spec.maxSeconds * 1e9));
-  const lane = async (): Promise<void> => {
-    while (next < spec.csrs.length && process.hrtime.bigint() < deadline) await one(next++);
-  };
   let timer: NodeJS.Timeout | undefined;
   try {
     await Promise.race([
       Promise.all(Array.from({ length: Math.min(spec.concurrency, spec.csrs.length) }, lane)),
-      new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`EST run did not finish in ${RUN_TIMEOUT_MS / 1000} s (${ok}/${spec.csrs.length} enrolled)`)), RUN_TIMEOUT_MS); }),
+      new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`EST run did not finish in ${RUN_TIMEOUT_MS / 1000} s (${next}/${spec.csrs.length} sent)`)), RUN_TIMEOUT_MS); }),
     ]);
   } finally {
     clearTimeout(timer);
-    if (agent) agent.destroy();
+    for (const c of connections) c.socket.destroy();
   }
-  return { ok, sent: next, errors, latenciesMs: latencies.subarray(0, next), seconds: Number(process.hrtime.bigint() - start) / 1e9, firstErrors };
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  timedEnd?.();
+  // Untimed: every answer is checked (status, one certificate, the CSR's key).
+  let ok = 0;
+  for (let i = 0; i < next; i++) {
+    const a = answers[i];
+    if (!a) continue; // counted above
+    try {
+      checkAnswer(a, spec.spki[i]!);
+      ok++;
+    } catch (err) {
+      fail((err as { key?: string }).key ?? 'bad answer', `#${i}: ${(err as Error).message}`);
+    }
+  }
+  return { ok, sent: next, errors, latenciesMs: latencies.subarray(0, next), seconds, firstErrors };
 }
 
 const percentile = (sorted: Float64Array, p: number): number => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))]!;
@@ -263,18 +384,29 @@ interface Measured {
   readonly othersLoad: number;
   /** CPU per enrolment (µs): server by thread group, and this (client) process. */
   readonly serverUs: Record<string, number>;
+  /** Units per group commit in the store's writer thread, when one runs. */
+  readonly unitsPerCommit?: number;
   readonly clientUs: number;
 }
 
 async function measuredRun(label: string, server: ServerChild, spec: RunSpec): Promise<Measured> {
-  const rows0 = (await server.stats()).certificates;
-  const threads0 = threadCpuUs(server.child.pid!);
+  const stats0 = await server.stats();
+  const rows0 = stats0.certificates;
+  const writerTid = stats0.writer?.threadId;
+  // With several server processes (HALLMARK_BENCH_EST_PROCESSES) the child is their cluster primary: count it and them.
+  const processes = [{ pid: server.child.pid! }, ...(stats0.processes ?? []).filter((p) => p.pid !== server.child.pid)];
+  if (stats0.processes?.length === 1) Object.assign(processes[0]!, { writerTid });
+  const threads0 = threadCpuUs(processes);
   const busy0 = machineBusyUs();
   const client0 = process.cpuUsage();
-  const out = await enrolAll(spec);
-  const client = process.cpuUsage(client0);
-  const busy = machineBusyUs() - busy0;
-  const threads1 = threadCpuUs(server.child.pid!);
+  let client = client0;
+  let busy = 0;
+  let threads1: Record<string, number> = {};
+  const out = await enrolAll(spec, () => {
+    client = process.cpuUsage(client0);
+    busy = machineBusyUs() - busy0;
+    threads1 = threadCpuUs(processes);
+  });
   const stats = await server.stats();
   const n = out.sent;
   const serverTotal = Object.keys(threads1).filter((k) => k !== 'main (system)').reduce((s, k) => s + threads1[k]! - (threads0[k] ?? 0), 0);
@@ -282,26 +414,30 @@ async function measuredRun(label: string, server: ServerChild, spec: RunSpec): P
   // Durable enrolment: every 200 left exactly one committed certificate row.
   if (stats.certificates - rows0 !== out.ok) throw new Error(`${label}: certificates grew by ${stats.certificates - rows0}, but ${out.ok} enrolments succeeded`);
   // Node 20 names every thread "node": the libuv pool (CSR verify, certificate sign) and V8's GC and
-  // compiler helpers can only be told from the main thread, not from each other.
-  const groups: Record<string, number> = { main: 0, 'main (system)': 0, other: 0 };
+  // compiler helpers can only be told from the main thread (and the store's writer thread, whose id it
+  // reports), not from each other.
+  const groups: Record<string, number> = { main: 0, 'main (system)': 0, writer: 0, other: 0 };
   for (const [k, v] of Object.entries(threads1)) {
     const d = v - (threads0[k] ?? 0);
-    const g = k === 'main' || k === 'main (system)' ? k : 'other';
+    const g = k === 'main' || k === 'main (system)' || k === 'writer' ? k : 'other';
     groups[g] = groups[g]! + d / n;
   }
+  const commits = stats.writer && stats0.writer ? { groups: stats.writer.groups - stats0.writer.groups, units: stats.writer.units - stats0.writer.units } : undefined;
   const sorted = out.latenciesMs.slice().sort();
   const errors = n - out.ok;
   const errorSummary = [...out.errors].map(([k, v]) => `${v} × ${k}`).join(', ');
   const m: Measured = {
     label, count: n, planned: spec.csrs.length, concurrency: spec.concurrency, rate: out.ok / out.seconds, p50: percentile(sorted, 0.5), p99: percentile(sorted, 0.99), max: sorted[sorted.length - 1]!,
     errors, errorSummary, othersLoad, serverUs: groups, clientUs: (client.user + client.system) / n,
+    unitsPerCommit: commits && commits.groups > 0 ? commits.units / commits.groups : undefined,
   };
   if (n < spec.csrs.length) log(`${label}: stopped sending after ${spec.maxSeconds} s (HALLMARK_BENCH_EST_MAX_SECONDS): ${fmt(n)} of ${fmt(spec.csrs.length)} enrolments sent`);
   log(`${label}: ${fmt(out.ok)}/${fmt(n)} enrolled in ${out.seconds.toFixed(2)} s, ${spec.concurrency} clients: ${fmt(m.rate)}/s, ` +
     `p50 ${m.p50.toFixed(1)} ms, p99 ${m.p99.toFixed(1)} ms, max ${m.max.toFixed(1)} ms; errors ${errors}${errors ? ` (${errorSummary})` : ''}; ` +
     `other processes used ${Math.round(othersLoad * 100)}% of the machine meanwhile`);
-  log(`${label}: CPU per enrolment: server main thread ${fmt(groups.main!)} µs (${fmt(groups['main (system)']!)} of it in the kernel), other server threads (libuv pool, V8 helpers) ${fmt(groups.other!)} µs; ` +
-    `client (this process) ${fmt(m.clientUs)} µs`);
+  log(`${label}: CPU per enrolment: server ${fmt(groups.main! + groups.writer! + groups.other!)} µs = main thread ${fmt(groups.main!)} µs (${fmt(groups['main (system)']!)} of it in the kernel)` +
+    `${groups.writer ? ` + store writer thread${processes.length > 1 ? 's' : ''} ${fmt(groups.writer)} µs` : ''} + other threads (libuv pool, V8 helpers, checkpointer) ${fmt(groups.other!)} µs; ` +
+    `client (this process) ${fmt(m.clientUs)} µs${m.unitsPerCommit ? `; ${m.unitsPerCommit.toFixed(1)} enrolments per commit` : ''}`);
   for (const e of out.firstErrors) log(`${label}: error ${e}`);
   return m;
 }
@@ -353,7 +489,7 @@ export function summariseProfile(file: string): string {
     fns.set(key, (fns.get(key) ?? 0) + us);
   }
   const pct = (us: number): string => `${((us / total) * 100).toFixed(1).padStart(5)} %`;
-  const lines = [`server main thread, ${(total / 1e6).toFixed(1)} s busy + ${(idle / 1e6).toFixed(1)} s idle (${file})`, 'self time by category:'];
+  const lines = [`${(total / 1e6).toFixed(1)} s busy + ${(idle / 1e6).toFixed(1)} s idle (${file})`, 'self time by category:'];
   for (const [c, us] of [...cats].sort((a, b) => b[1] - a[1])) lines.push(`  ${pct(us)}  ${c}`);
   lines.push('top functions by self time:');
   for (const [f, us] of [...fns].sort((a, b) => b[1] - a[1]).slice(0, 25)) lines.push(`  ${pct(us)}  ${f}`);
@@ -414,7 +550,7 @@ export async function run(): Promise<Figure[]> {
     const describe = (m: Measured, rateTarget: number): string =>
       `${fmt(m.count)} enrolments${m.count < m.planned ? ` (of ${fmt(m.planned)}: stopped after ${MAX_SECONDS} s)` : ''}, ${m.concurrency} concurrent clients; target ≥ ${fmt(rateTarget)}/s ${met(m.rate >= rateTarget)}; ` +
       `p50 ${m.p50.toFixed(1)} ms, p99 ${m.p99.toFixed(1)} ms (target < ${TARGET_P99_MS} ms at 64 clients${m.concurrency === 64 ? ` ${met(m.p99 < TARGET_P99_MS)}` : ', not this concurrency'}); ` +
-      `errors ${m.errors}${m.errors ? ` (${m.errorSummary})` : ''}; server CPU/enrolment: main ${fmt(m.serverUs.main!)} µs (kernel ${fmt(m.serverUs['main (system)']!)}), other threads ${fmt(m.serverUs.other!)} µs; ` +
+      `errors ${m.errors}${m.errors ? ` (${m.errorSummary})` : ''}; server CPU/enrolment ${fmt(m.serverUs.main! + m.serverUs.writer! + m.serverUs.other!)} µs: main ${fmt(m.serverUs.main!)} µs (kernel ${fmt(m.serverUs['main (system)']!)}), writer ${fmt(m.serverUs.writer!)} µs, other threads ${fmt(m.serverUs.other!)} µs; ` +
       `client ${fmt(m.clientUs)} µs; other processes ${Math.round(m.othersLoad * 100)}% of the machine`;
     const push = (m: Measured, name: string, rateTarget: number): void => {
       out.push(figure(`EST enrolment, ${name}`, m.rate, unit, ceiling, describe(m, rateTarget)));
@@ -437,9 +573,15 @@ export async function run(): Promise<Figure[]> {
     await server.stop();
     server = undefined;
     if (CPU_PROF_DIR) {
-      const newest = readdirSync(CPU_PROF_DIR).filter((f) => f.endsWith('.cpuprofile')).map((f) => join(CPU_PROF_DIR, f))
-        .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs)[0];
-      if (newest) log(`CPU profile of the EST server:\n${summariseProfile(newest)}`);
+      // --cpu-prof writes one profile per thread: CPU.<date>.<time>.<pid>.<thread id>.<n>.cpuprofile, the main
+      // thread being 0; the others are the store's checkpointer and writer threads. The newest process's, main first.
+      const files = readdirSync(CPU_PROF_DIR).filter((f) => f.endsWith('.cpuprofile')).map((f) => join(CPU_PROF_DIR, f))
+        .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs);
+      const pid = files[0] ? basename(files[0]).split('.')[3] : undefined;
+      const threadOf = (f: string): number => Number(basename(f).split('.')[4]);
+      for (const f of files.filter((x) => basename(x).split('.')[3] === pid).sort((a, b) => threadOf(a) - threadOf(b))) {
+        log(`CPU profile of the EST server, ${threadOf(f) === 0 ? 'main thread' : `worker thread ${threadOf(f)} (store checkpointer or writer)`}:\n${summariseProfile(f)}`);
+      }
     }
     log('ceiling = Node crypto.verify + crypto.sign pairs/s, P-256, one thread (as bench/issuance.bench.ts); every figure shares it');
     return out;

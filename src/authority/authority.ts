@@ -13,14 +13,14 @@ import type { KeyBackend, KeyRef } from '../keys/key-backend.js';
 import { openCaBackend } from '../keys/open-backend.js';
 import { parseKeyAlgorithm, publicKeyFromSpki, SCHEME_BY_OID, signingSchemeFor, type KeyAlgorithm } from '../pki/algorithms.js';
 import { parseCertificate, sha256Fingerprint, type ParsedCertificate } from '../pki/certificate.js';
-import { createCsrWith, parseCsr, verifyCsr, type ParsedCsr } from '../pki/csr.js';
+import { createCsrWith, csrSpkiOf, parseCsr, verifyCsr, type ParsedCsr } from '../pki/csr.js';
 import { keyIdentifier, decodeBasicConstraints, decodeKeyUsage, EXT, type AltNames } from '../pki/extensions.js';
 import { encodeName, encodeNameString, nameToString } from '../pki/names.js';
 import { SIZE_LIMITS, decodeOne, encodePem } from '../pki/pem.js';
 import { CertificateRecorder } from '../store/certificate-recorder.js';
 import { Store, nowIso, type Dialect } from '../store/database.js';
 import type { BatchRow, CaRow, Database, DeviceRow, ProductRow } from '../store/schema.js';
-import { GroupCommitter } from '../store/group-commit.js';
+import { asBuffer, defineProcedure, runCalls, type ProcedureCall } from '../store/procedures.js';
 import { signCertificate, signingCa, subjectKeyKindOf, type SigningCa } from './certificate-signer.js';
 import { HOME_FILES, databaseUrl, loadHomeConfig, saveHomeConfig, type HomeConfig } from './home.js';
 import { PROFILES, profileByName } from './profiles.js';
@@ -78,7 +78,16 @@ export interface DeviceIssueRequest {
   /** Keys the caller proved the device holds besides its registered one (its current certificate's key). */
   readonly provenKeys?: readonly Buffer[];
   readonly serverKeygen?: boolean;
-  /** Runs inside the issuance transaction; returns audit entries to append with the issuance's. */
+  /**
+   * Procedures (src/store/procedures.ts) run inside the issuance transaction, after the quota is taken and
+   * before the certificate is recorded, their audit entries appended with the issuance's (a claim takes
+   * its use there). Data, so the transaction can run in the store's writer thread.
+   */
+  readonly steps?: readonly ProcedureCall[];
+  /**
+   * The same as a function: runs inside the issuance transaction; returns audit entries to append with the
+   * issuance's. The transaction then runs on this thread's connection (a function cannot go to the writer).
+   */
   readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
   /** The device is not registered yet: register this key in this batch, in the issuance's transaction (claims on batches that allow unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
@@ -107,7 +116,6 @@ export class Authority {
    */
   readonly events = new EventEmitter();
   readonly #recorder: CertificateRecorder;
-  readonly #deviceCommits: GroupCommitter;
   readonly #announced = new AnnouncedRevocations();
   readonly #issuers = new Map<string, Promise<LoadedIssuer>>();
   readonly #issuerChecked = new Map<string, number>();
@@ -119,7 +127,6 @@ export class Authority {
     this.fileKeys = fileKeys;
     this.caKeys = caKeys;
     this.#recorder = new CertificateRecorder(store);
-    this.#deviceCommits = new GroupCommitter(store);
     this.directory = new CaDirectory(store, config);
     this.registry = registryFor(store);
   }
@@ -291,7 +298,7 @@ export class Authority {
       privateKeyPkcs8 = pair.privateKey.export({ type: 'pkcs8', format: 'der' });
     } else {
       subjectKey = csrKey;
-      subjectSpki = csrKey.export({ type: 'spki', format: 'der' });
+      subjectSpki = csrSpkiOf(csr, csrKey);
       const registered = subjectSpki.equals(Buffer.from(device.public_key_spki));
       const proven = (request.provenKeys ?? []).some((k) => k.equals(subjectSpki));
       if (!registered && !proven) {
@@ -325,19 +332,15 @@ export class Authority {
     });
     const subjectText = nameToString(subject);
     const fingerprint = sha256Fingerprint(signed.der);
+    const record: DeviceIssuanceRecord = {
+      device, batch, newDevice: !!request.newDevice, actor: request.actor, steps: request.steps ?? [],
+      certificate: [issuer.row.id, signed.serialHex, profile.name, subjectText, fingerprint, nowIso(signed.parsed.notBefore), nowIso(signed.parsed.notAfter), signed.der, 'valid', null, null, request.actor, nowIso(), device.udid],
+      issueDetails: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails },
+    };
     try {
-      await this.#deviceCommits.run(async (trx, dialect) => {
-        const audit: AuditEvent[] = [];
-        if (request.newDevice) audit.push(await Registry.registerOnFirstUse(trx, device, request.actor, dialect));
-        const { firstIdentity } = await Registry.reserveIssuance(trx, device, batch, dialect);
-        if (request.inTransaction) audit.push(...((await request.inTransaction(trx, device, dialect)) ?? []));
-        await rawSql(trx, dialect, 'insert into certificates (issuer_id, serial, profile, subject, fingerprint_sha256, not_before, not_after, der, status, revoked_at, revocation_reason, requested_by, created_at, device_udid) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', [
-          issuer.row.id, signed.serialHex, profile.name, subjectText, fingerprint, nowIso(signed.parsed.notBefore), nowIso(signed.parsed.notAfter), signed.der, 'valid',
-          null, null, request.actor, nowIso(), device.udid,
-        ]);
-        audit.push({ actor: request.actor, action: 'certificate.issue', target: signed.serialHex, details: { device: device.udid, batch: batch.id, line: line.name, issuer: line.ca, profile: profile.name, subject: subjectText, fingerprintSha256: fingerprint, firstIdentity, notAfter: nowIso(signed.parsed.notAfter), ...(privateKeyPkcs8 ? { serverKeygen: true } : {}), ...request.auditDetails } });
-        return { result: undefined, audit };
-      });
+      const closure = request.inTransaction;
+      if (closure) await this.store.commitWork((trx, dialect) => recordDeviceIssuance(trx, dialect, record, closure));
+      else await this.store.commit(RECORD_DEVICE_ISSUANCE, record);
     } catch (err) {
       if (err instanceof HallmarkError && ['QUOTA_EXCEEDED', 'DEVICE_NOT_ELIGIBLE', 'CLAIM_INVALID', 'CLAIM_ALREADY_USED', 'CLONE_DETECTED', 'ENROLMENT_REJECTED'].includes(err.code)) return refuse(err);
       throw err;
@@ -536,3 +539,39 @@ export function csrFromSigner(subject: Buffer, signer: Signer): Promise<Buffer> 
 function generateDeviceKey(): Promise<{ publicKey: KeyObject; privateKey: KeyObject }> {
   return new Promise((resolve, reject) => generateKeyPair('ec', { namedCurve: 'P-256' }, (err, publicKey, privateKey) => (err ? reject(err) : resolve({ publicKey, privateKey }))));
 }
+
+/** What the issuance transaction of a device certificate writes (plain data: it may run in the store's writer thread). */
+interface DeviceIssuanceRecord {
+  readonly device: DeviceRow;
+  readonly batch: BatchRow;
+  /** Register `device` first (a key seen for the first time, in a batch that accepts unregistered keys). */
+  readonly newDevice: boolean;
+  readonly actor: string;
+  readonly steps: readonly ProcedureCall[];
+  /** The certificates row, in the column order of RECORD_CERTIFICATE_SQL. */
+  readonly certificate: readonly unknown[];
+  /** The certificate.issue audit entry's details (firstIdentity is added). */
+  readonly issueDetails: Readonly<Record<string, unknown>>;
+}
+
+const RECORD_CERTIFICATE_SQL = 'insert into certificates (issuer_id, serial, profile, subject, fingerprint_sha256, not_before, not_after, der, status, revoked_at, revocation_reason, requested_by, created_at, device_udid) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)';
+
+/**
+ * The issuance transaction of a device certificate: registration on first use, the quota (taken
+ * atomically: a concurrent enrolment cannot overdraw it), the steps (a claim's use), the certificate
+ * record and its audit entries. Any refusal rolls all of it back (group-commit.ts keeps the others).
+ */
+async function recordDeviceIssuance(trx: Transaction<Database>, dialect: Dialect, r: DeviceIssuanceRecord, inTransaction?: DeviceIssueRequest['inTransaction']): Promise<{ result: undefined; audit: AuditEvent[] }> {
+  const device: DeviceRow = { ...r.device, public_key_spki: asBuffer(r.device.public_key_spki), birth_cert_der: asBuffer(r.device.birth_cert_der) };
+  const audit: AuditEvent[] = [];
+  if (r.newDevice) audit.push(await Registry.registerOnFirstUse(trx, device, r.actor, dialect));
+  const { firstIdentity } = await Registry.reserveIssuance(trx, device, r.batch, dialect);
+  audit.push(...(await runCalls(trx, dialect, r.steps)));
+  if (inTransaction) audit.push(...((await inTransaction(trx, device, dialect)) ?? []));
+  await rawSql(trx, dialect, RECORD_CERTIFICATE_SQL, r.certificate);
+  const serial = r.certificate[1] as string;
+  audit.push({ actor: r.actor, action: 'certificate.issue', target: serial, details: { ...r.issueDetails, firstIdentity } });
+  return { result: undefined, audit };
+}
+
+const RECORD_DEVICE_ISSUANCE = defineProcedure(import.meta.url, 'recordDeviceIssuance', (trx, dialect, r: DeviceIssuanceRecord) => recordDeviceIssuance(trx, dialect, r));

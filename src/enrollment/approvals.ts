@@ -8,6 +8,7 @@ import type { Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { nowIso, type Store } from '../store/database.js';
+import { defineProcedure } from '../store/procedures.js';
 import type { Database, EnrolmentApprovalsTable } from '../store/schema.js';
 
 /** What a waiting device is told: ask again after this many seconds. */
@@ -62,6 +63,10 @@ export async function spendApproval(trx: Transaction<Database>, id: string, acto
   if (Number(r.numUpdatedRows) !== 1) throw new HallmarkError('ENROLMENT_REJECTED', `enrolment approval ${id} is no longer valid`);
   return [{ actor, action: 'enrolment.approval_used', target: id }];
 }
+
+/** spendApproval as a step of an issuance transaction (it may run in the store's writer thread). */
+export const SPEND_APPROVAL = defineProcedure(import.meta.url, 'spendApproval', async (trx, _dialect, a: { readonly approval: string; readonly actor: string }) =>
+  ({ result: undefined, audit: await spendApproval(trx, a.approval, a.actor) }));
 
 export async function decideApproval(store: Store, id: string, decision: 'approve' | 'reject', actor: string, reason?: string): Promise<ApprovalInfo> {
   if (reason !== undefined && reason.length > 500) throw new HallmarkError('BAD_REQUEST', 'the reason is at most 500 characters');

@@ -5,12 +5,10 @@
 // (state, quota, rekey — those are the authority's).
 
 import type { KeyObject } from 'node:crypto';
-import type { Transaction } from 'kysely';
-import type { AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import type { ParsedCsr } from '../pki/csr.js';
-import type { Dialect, Store } from '../store/database.js';
-import type { Database, DeviceRow } from '../store/schema.js';
+import type { Store } from '../store/database.js';
+import type { ProcedureCall } from '../store/procedures.js';
 import type { Registry } from '../registry/registry.js';
 import type { RateLimiter } from './rate-limit.js';
 
@@ -48,10 +46,12 @@ export interface EnrolmentIdentity {
   /** Who asks, as the audit log records it. */
   readonly actor: string;
   readonly details: Readonly<Record<string, unknown>>;
-  /** Runs inside the issuance transaction (a claim takes its use there); returns audit entries to append. */
-  readonly inTransaction?: (trx: Transaction<Database>, device: DeviceRow, dialect: Dialect) => Promise<readonly AuditEvent[] | void>;
+  /** Procedures run inside the issuance transaction (a claim takes its use there), their audit entries appended with it. */
+  readonly steps?: readonly ProcedureCall[];
   /** Not registered yet: the authority registers this key in this batch with the issuance (claims on batches that accept unregistered keys). */
   readonly newDevice?: { readonly batch: string; readonly publicKeySpki: Buffer };
+  /** Whether the batch of a device registered on first use requires approval, when the authenticator read it already (saves a read). */
+  readonly batchRequiresApproval?: boolean;
   /** Set by the current-certificate authenticator: the certificate being renewed. */
   readonly renewal?: { readonly serial: string; readonly notBefore: Date; readonly notAfter: Date };
 }

@@ -8,6 +8,7 @@ import type { Transaction } from 'kysely';
 import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { nowIso, type Dialect, type Store } from '../store/database.js';
+import { defineProcedure } from '../store/procedures.js';
 import { rawSql } from '../store/raw-sql.js';
 import type { ClaimRow, Database } from '../store/schema.js';
 
@@ -97,17 +98,25 @@ export function parseBasicCredentials(header: string | undefined): { id: string;
   return { id: text.slice(0, colon), secret: text.slice(colon + 1) };
 }
 
+/** The flags of a claim's batch that decide an enrolment with it (read with the claim). */
+export interface ClaimBatchFlags {
+  readonly batch_allow_unregistered: number;
+  readonly batch_require_approval: number;
+}
+
 /**
  * Checks presented claim credentials. Every failure is audited (with the claim id when it names one, never
  * the secret) and answers with one message, so a caller learns nothing about which part was wrong.
  */
-export async function checkClaim(store: Store, presented: { id: string; secret: string }, source: string): Promise<ClaimRow> {
+export async function checkClaim(store: Store, presented: { id: string; secret: string }, source: string): Promise<ClaimRow & ClaimBatchFlags> {
   const fail = async (why: string, id?: string): Promise<never> => {
     await store.writeTransaction((trx) => appendAudit(trx, [{ actor: source, action: 'claim.refused', target: id ?? '-', details: { reason: why } }]));
     throw new HallmarkError('CLAIM_INVALID', 'unknown, wrong, expired, revoked or used-up claim');
   };
   if (!/^cl_[0-9a-f]{16}$/.test(presented.id)) return fail('malformed claim id');
-  const row = (await rawSql<ClaimRow>(store.db, store.dialect, 'select * from claims where id = ?', [presented.id])).rows[0];
+  // The batch's enrolment flags come with the claim: one read instead of three per claim enrolment.
+  const row = (await rawSql<ClaimRow & ClaimBatchFlags>(store.db, store.dialect,
+    'select c.*, b.allow_unregistered as batch_allow_unregistered, b.require_approval as batch_require_approval from claims c join batches b on b.id = c.batch_id where c.id = ?', [presented.id])).rows[0];
   if (!row) return fail('unknown claim', presented.id);
   const a = Buffer.from(row.secret_hash, 'hex');
   const b = Buffer.from(hashSecret(presented.secret), 'hex');
@@ -133,3 +142,7 @@ export async function spendClaim(trx: Transaction<Database>, claimId: string, ud
   await rawSql(trx, dialect, 'insert into claim_uses (claim_id, udid, at) values (?, ?, ?)', [claimId, udid, now]);
   return [{ actor, action: 'claim.use', target: claimId, details: { device: udid } }];
 }
+
+/** spendClaim as a step of an issuance transaction (it may run in the store's writer thread). */
+export const SPEND_CLAIM = defineProcedure(import.meta.url, 'spendClaim', async (trx, dialect, a: { readonly claim: string; readonly udid: string; readonly actor: string }) =>
+  ({ result: undefined, audit: await spendClaim(trx, a.claim, a.udid, a.actor, dialect) }));

@@ -11,7 +11,8 @@ import { birthCertificateAuthenticator } from './birth-certificate-authenticator
 import { claimAuthenticator } from './claim-authenticator.js';
 import { currentCertificateAuthenticator } from './current-certificate-authenticator.js';
 import { RateLimiter } from './rate-limit.js';
-import { requireApproval, spendApproval } from './approvals.js';
+import { SPEND_APPROVAL, requireApproval } from './approvals.js';
+import { callOf } from '../store/procedures.js';
 import { udidOfKey } from '../registry/registry.js';
 import { rawSql } from '../store/raw-sql.js';
 import { registeredKeyAuthenticator } from './registered-key-authenticator.js';
@@ -88,12 +89,8 @@ export class EnrolmentService {
         throw err;
       }
     }
-    let inTransaction = identity.inTransaction;
     const approval = await this.#approvalFor(identity, request);
-    if (approval) {
-      const before = inTransaction;
-      inTransaction = async (trx, device, dialect) => [...((before ? await before(trx, device, dialect) : undefined) ?? []), ...(await spendApproval(trx, approval, identity.actor))];
-    }
+    const steps = [...(identity.steps ?? []), ...(approval ? [callOf(SPEND_APPROVAL, { approval, actor: identity.actor })] : [])];
     const issued = await this.#authority.issueForDevice({
       udid: identity.udid,
       csr: request.csr,
@@ -101,7 +98,7 @@ export class EnrolmentService {
       actor: identity.actor,
       provenKeys: identity.provenKeys,
       serverKeygen: request.operation === 'serverkeygen',
-      inTransaction,
+      steps,
       newDevice: identity.newDevice,
       renewal: identity.renewal,
       auditDetails: { ...identity.details, operation: request.operation, source: request.source, ...(request.label ? { label: request.label } : {}) },
@@ -120,7 +117,7 @@ export class EnrolmentService {
     let required: boolean;
     if (identity.newDevice) {
       batch = identity.newDevice.batch;
-      required = !!Number((await rawSql<{ require_approval: number }>(store.db, store.dialect, 'select require_approval from batches where id = ?', [batch])).rows[0]?.require_approval);
+      required = identity.batchRequiresApproval ?? !!Number((await rawSql<{ require_approval: number }>(store.db, store.dialect, 'select require_approval from batches where id = ?', [batch])).rows[0]?.require_approval);
     } else {
       const row = (await rawSql<{ state: string; batch_id: string; require_approval: number }>(store.db, store.dialect,
         'select d.state, d.batch_id, b.require_approval from devices d join batches b on b.id = d.batch_id where d.udid = ?', [identity.udid])).rows[0];

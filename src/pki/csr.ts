@@ -117,6 +117,18 @@ export async function verifyCsr(csr: ParsedCsr): Promise<KeyObject> {
   return key;
 }
 
+/**
+ * The CSR key's SubjectPublicKeyInfo as Node would export it (canonical DER), given the key verifyCsr
+ * returned. A P-256 key with an uncompressed point is already in that form (and verifyCsr imported,
+ * hence validated, exactly these bytes), so it is not exported again: an export costs ~15-20 µs of
+ * event-loop time, and the enrolment path needs the SPKI twice.
+ */
+export function csrSpkiOf(csr: ParsedCsr, key: KeyObject): Buffer {
+  const spki = csr.subjectPublicKeyInfo;
+  if (spki.length === 91 && spki.compare(P256_SPKI_PREFIX, 0, 26, 0, 26) === 0 && spki[26] === 0x04) return spki;
+  return key.export({ type: 'spki', format: 'der' });
+}
+
 /** Extensions the CSR requests (OID -> DER value); informational only, never copied blindly. */
 export function requestedExtensions(csr: ParsedCsr): Map<string, Buffer> {
   const out = new Map<string, Buffer>();

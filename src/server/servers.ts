@@ -121,8 +121,10 @@ export async function startServers(authority: Authority, options: ServerOptions)
     await https.close();
     throw err;
   }
-  // SQLite: WAL checkpoints in a worker thread, not inside commits on the event loop.
+  // SQLite: WAL checkpoints in a worker thread, not inside commits on the event loop; group commits
+  // (enrolments) in a writer thread with its own connection.
   authority.store.checkpointInBackground();
+  authority.store.writeInBackground();
   // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
   const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
   const webhooks = startWebhookDispatcher(authority.store, { logger: options.logger, ...options.webhooks });

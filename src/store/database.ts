@@ -6,6 +6,9 @@ import BetterSqlite3 from 'better-sqlite3';
 import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
 import { reusingStatements } from './sqlite-statements.js';
 import { checkpointInBackground, type Checkpointer } from './sqlite-checkpointer.js';
+import { SqliteWriter } from './sqlite-writer.js';
+import { GroupCommitter, type UnitOfWork } from './group-commit.js';
+import type { Procedure } from './procedures.js';
 import { createRequire } from 'node:module';
 import pg from 'pg';
 import { HallmarkError } from '../errors.js';
@@ -33,6 +36,10 @@ export class Store {
   /** The pg pool Kysely runs on (PostgreSQL only), for named statements (preparedRead). */
   readonly #pool: pg.Pool | undefined;
   #checkpointer: Checkpointer | undefined;
+  /** SQLite: write transactions of this connection waiting for or holding the write lock (read by the writer thread). */
+  readonly #mainWriters = new Int32Array(new SharedArrayBuffer(4));
+  #writer: SqliteWriter | undefined;
+  #committer: GroupCommitter | undefined;
 
   private constructor(db: Db, dialect: Dialect, description: string, sqlite?: BetterSqlite3.Database, pool?: pg.Pool) {
     this.db = db;
@@ -97,17 +104,60 @@ export class Store {
       });
     }
     return this.db.connection().execute(async (conn) => {
-      await this.#beginImmediate(conn);
+      // The writer thread (writeInBackground) lets this transaction have the lock next.
+      Atomics.add(this.#mainWriters, 0, 1);
       try {
-        // A Kysely Transaction is a Kysely bound to one connection; the connection here is already in BEGIN.
-        const result = await fn(conn as unknown as Transaction<Database>);
-        await sql`commit`.execute(conn);
-        return result;
-      } catch (err) {
-        await sql`rollback`.execute(conn).catch(() => {});
-        throw err;
+        await this.#beginImmediate(conn);
+        try {
+          // A Kysely Transaction is a Kysely bound to one connection; the connection here is already in BEGIN.
+          const result = await fn(conn as unknown as Transaction<Database>);
+          await sql`commit`.execute(conn);
+          return result;
+        } catch (err) {
+          await sql`rollback`.execute(conn).catch(() => {});
+          throw err;
+        }
+      } finally {
+        Atomics.sub(this.#mainWriters, 0, 1);
+        Atomics.notify(this.#mainWriters, 0);
       }
     });
+  }
+
+  /**
+   * Runs a procedure (procedures.ts) in a write transaction shared with others that arrive meanwhile
+   * (group commit, group-commit.ts), in the writer thread when one runs (writeInBackground), in this
+   * thread otherwise. Resolves with its result once that transaction has committed; rejects with the
+   * procedure's error when it refused (its writes rolled back, the others' kept).
+   */
+  commit<A, R>(procedure: Procedure<A, R>, args: A): Promise<R> {
+    if (this.#writer) return this.#writer.run(procedure, args);
+    return this.commitWork((trx, dialect) => procedure.run(trx, dialect, args));
+  }
+
+  /** Group commit of a unit of work given as a function: always in this thread, on this connection. */
+  commitWork<T>(work: UnitOfWork<T>): Promise<T> {
+    this.#committer ??= new GroupCommitter(this);
+    return this.#committer.run(work);
+  }
+
+  /**
+   * For long-running servers on SQLite: commit() runs in a writer thread with its own connection
+   * (sqlite-writer.ts), so statements, WAL writes and fsync leave the event loop. A no-op on PostgreSQL
+   * and in-memory databases. Stopped by close(), after the units handed to it have finished.
+   */
+  writeInBackground(): void {
+    if (!this.#sqlite || this.#writer || this.#description === ':memory:') return;
+    this.#writer = new SqliteWriter({
+      file: this.#description, synchronous: 'FULL', busyTimeoutMs: SQLITE_LOCK_WAIT_MS,
+      autocheckpoint: Number(this.#sqlite.pragma('wal_autocheckpoint', { simple: true })), lock: this.#mainWriters.buffer as SharedArrayBuffer,
+    });
+    this.#writer.start();
+  }
+
+  /** The writer thread, when one runs (tests). */
+  get writer(): SqliteWriter | undefined {
+    return this.#writer;
   }
 
   /**
@@ -151,10 +201,15 @@ export class Store {
    */
   checkpointInBackground(intervalMs = 500): void {
     if (!this.#sqlite || this.#checkpointer || this.#description === ':memory:') return;
-    this.#checkpointer = checkpointInBackground(this.#sqlite, this.#description, createRequire(import.meta.url).resolve('better-sqlite3'), intervalMs);
+    this.#checkpointer = checkpointInBackground(this.#sqlite, this.#description, createRequire(import.meta.url).resolve('better-sqlite3'), intervalMs,
+      (pages) => this.#writer?.setAutocheckpoint(pages));
+    this.#writer?.setAutocheckpoint(0);
   }
 
   async close(): Promise<void> {
+    // Units already handed to a group commit finish first (the writer thread's, then this thread's).
+    await this.#writer?.close();
+    await this.#committer?.drain();
     await this.#checkpointer?.stop();
     this.#checkpointer = undefined;
     await this.db.destroy();

@@ -364,6 +364,45 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.dropTable('stations').execute();
       },
     },
+    '0007_est_indexes': {
+      // Fewer random-key index writes per issued certificate (EST enrolment, docs/benchmarks.md): every
+      // insert into an index on a random key (serial, fingerprint) dirties its own page, which the commit
+      // writes to the WAL and the checkpoint to the file again (~10 µs of CPU and 4 KiB each).
+      // - certificates_fingerprint goes: its only reader (re-enrolment) now finds the presented
+      //   certificate by its serial and compares the whole DER.
+      // - unique (issuer_id, serial) becomes unique (serial, issuer_id), which also serves lookups by
+      //   serial alone, so certificates_serial goes too. SQLite cannot drop a table constraint: the table
+      //   is rebuilt (in one transaction; a large store takes a while, once).
+      async up(db: Kysely<unknown>) {
+        if (dialect === 'postgres') {
+          await sql`drop index if exists certificates_fingerprint`.execute(db);
+          await sql`create unique index certificates_serial_issuer_unique on certificates (serial, issuer_id)`.execute(db);
+          await sql`alter table certificates drop constraint certificates_issuer_serial_unique`.execute(db);
+          await sql`drop index if exists certificates_serial`.execute(db);
+          return;
+        }
+        await rebuildSqliteCertificates(db, {
+          from: 'constraint "certificates_issuer_serial_unique" unique ("issuer_id", "serial")',
+          to: 'constraint "certificates_serial_issuer_unique" unique ("serial", "issuer_id")',
+          dropIndexes: ['certificates_serial', 'certificates_fingerprint'],
+        });
+      },
+      async down(db: Kysely<unknown>) {
+        if (dialect === 'postgres') {
+          await sql`create index certificates_serial on certificates (serial)`.execute(db);
+          await sql`alter table certificates add constraint certificates_issuer_serial_unique unique (issuer_id, serial)`.execute(db);
+          await sql`drop index certificates_serial_issuer_unique`.execute(db);
+          await sql`create index certificates_fingerprint on certificates (fingerprint_sha256)`.execute(db);
+          return;
+        }
+        await rebuildSqliteCertificates(db, {
+          from: 'constraint "certificates_serial_issuer_unique" unique ("serial", "issuer_id")',
+          to: 'constraint "certificates_issuer_serial_unique" unique ("issuer_id", "serial")',
+          dropIndexes: [],
+          createIndexes: ['create index "certificates_serial" on "certificates" ("serial")', 'create index "certificates_fingerprint" on "certificates" ("fingerprint_sha256")'],
+        });
+      },
+    },
   };
 }
 
@@ -371,4 +410,43 @@ export class StaticMigrationProvider implements MigrationProvider {
   readonly #dialect: Dialect;
   constructor(dialect: Dialect) { this.#dialect = dialect; }
   async getMigrations(): Promise<Record<string, Migration>> { return migrations(this.#dialect); }
+}
+
+/**
+ * SQLite cannot change a table constraint in place: rebuilds `certificates` with the constraint text
+ * `from` replaced by `to` (SQLite's documented procedure: new table, copy, drop, rename, indexes again),
+ * in one IMMEDIATE transaction. The AUTOINCREMENT high-water mark is kept (ids are never reused). Does
+ * nothing when the table no longer has `from` (another process did it first).
+ */
+async function rebuildSqliteCertificates(db: Kysely<unknown>, change: { from: string; to: string; dropIndexes: readonly string[]; createIndexes?: readonly string[] }): Promise<void> {
+  await sql`begin immediate`.execute(db);
+  try {
+    const table = (await sql<{ sql: string }>`select sql from sqlite_master where type = 'table' and name = 'certificates'`.execute(db)).rows[0];
+    if (!table || !table.sql.includes(change.from)) {
+      await sql`commit`.execute(db);
+      return;
+    }
+    const create = table.sql.replace(change.from, change.to).replace(/^create table "certificates"/i, 'create table "certificates_rebuilt"');
+    if (!create.startsWith('create table "certificates_rebuilt"')) throw new Error(`unexpected definition of table certificates: ${table.sql.slice(0, 60)}`);
+    const indexes = (await sql<{ name: string; sql: string }>`select name, sql from sqlite_master where type = 'index' and tbl_name = 'certificates' and sql is not null`.execute(db)).rows
+      .filter((i) => !change.dropIndexes.includes(i.name));
+    const triggers = (await sql<{ sql: string }>`select sql from sqlite_master where type = 'trigger' and tbl_name = 'certificates'`.execute(db)).rows;
+    const seq = (await sql<{ seq: number }>`select seq from sqlite_sequence where name = 'certificates'`.execute(db)).rows[0]?.seq;
+    await sql.raw(create).execute(db);
+    await sql`insert into certificates_rebuilt select * from certificates`.execute(db);
+    const copied = (await sql<{ seq: number }>`select seq from sqlite_sequence where name = 'certificates_rebuilt'`.execute(db)).rows[0]?.seq;
+    if (seq !== undefined || copied !== undefined) {
+      await sql`delete from sqlite_sequence where name = 'certificates_rebuilt'`.execute(db);
+      await sql`insert into sqlite_sequence (name, seq) values ('certificates_rebuilt', ${Math.max(Number(seq ?? 0), Number(copied ?? 0))})`.execute(db);
+    }
+    await sql`drop table certificates`.execute(db);
+    await sql`alter table certificates_rebuilt rename to certificates`.execute(db);
+    for (const i of indexes) await sql.raw(i.sql).execute(db);
+    for (const c of change.createIndexes ?? []) await sql.raw(c).execute(db);
+    for (const t of triggers) await sql.raw(t.sql).execute(db);
+    await sql`commit`.execute(db);
+  } catch (err) {
+    await sql`rollback`.execute(db).catch(() => {});
+    throw err;
+  }
 }

@@ -23,13 +23,17 @@ parentPort.on('message', (m) => {
 
 export interface Checkpointer { stop(): Promise<void> }
 
-export function checkpointInBackground(db: BetterSqlite3.Database, file: string, module: string, intervalMs = 500): Checkpointer {
+/** `onAutocheckpoint`: told each wal_autocheckpoint setting made on `db`, for other connections of this process (the writer thread). */
+export function checkpointInBackground(db: BetterSqlite3.Database, file: string, module: string, intervalMs = 500, onAutocheckpoint?: (pages: number) => void): Checkpointer {
   db.pragma('wal_autocheckpoint = 0');
   const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { file, module, intervalMs } });
   worker.unref();
   let stopped = false;
   const fallBack = (): void => {
-    if (!stopped && db.open) db.pragma('wal_autocheckpoint = 1000');
+    if (!stopped && db.open) {
+      db.pragma('wal_autocheckpoint = 1000');
+      onAutocheckpoint?.(1000);
+    }
   };
   worker.on('error', fallBack);
   worker.on('exit', fallBack);
@@ -42,6 +46,7 @@ export function checkpointInBackground(db: BetterSqlite3.Database, file: string,
       await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 2000))]);
       await worker.terminate().catch(() => 0);
       if (db.open) db.pragma('wal_autocheckpoint = 1000');
+      onAutocheckpoint?.(1000);
     },
   };
 }

@@ -1,5 +1,6 @@
-// GroupCommitter: units committed together, each in its own savepoint; a refused unit leaves no trace
-// and does not disturb the others; audit entries only for units that committed.
+// GroupCommitter: units committed together (first without savepoints; when one refuses, the group runs
+// again with a savepoint per unit); a refused unit leaves no trace and does not disturb the others; audit
+// entries only for units that committed.
 
 import assert from 'node:assert/strict';
 import { verifyAuditLog } from '../../src/audit/audit-log.js';
@@ -40,6 +41,26 @@ forEachDialect('group commit', async (t, target) => {
     assert.equal(dup.status, 'rejected');
     assert.equal(fresh.status, 'fulfilled');
     assert.ok(await store.db.selectFrom('tenants').select('name').where('name', '=', 'fresh').executeTakeFirst());
+  });
+
+  await t.test('a group without refusals runs each unit once; one refusal reruns the group with savepoints, once', async () => {
+    const runs = new Map<number, number>();
+    const fresh = new GroupCommitter(store); // no refusal seen yet: starts optimistic
+    const unit = (i: number, refuse: boolean) => fresh.run(async (trx) => {
+      runs.set(i, (runs.get(i) ?? 0) + 1);
+      await trx.insertInto('tenants').values({ name: `opt-${i}`, created_at: nowIso() }).execute();
+      if (refuse) throw new HallmarkError('CLAIM_INVALID', `unit ${i} refused`);
+      return { result: i, audit: [] };
+    });
+    assert.deepEqual(await Promise.all([0, 1, 2, 3].map((i) => unit(i, false))), [0, 1, 2, 3]);
+    assert.deepEqual([...runs.values()], [1, 1, 1, 1]);
+    runs.clear();
+    const outcomes = await Promise.allSettled([10, 11, 12, 13].map((i) => unit(i, i === 12)));
+    assert.deepEqual(outcomes.map((o) => o.status), ['fulfilled', 'fulfilled', 'rejected', 'fulfilled']);
+    // 10 and 11 ran in the optimistic pass and again in the savepoint pass; 12 refused in both; 13 only in the second.
+    assert.deepEqual(Object.fromEntries(runs), { 10: 2, 11: 2, 12: 2, 13: 1 });
+    const kept = (await store.db.selectFrom('tenants').select('name').where('name', 'in', ['opt-10', 'opt-11', 'opt-12', 'opt-13']).execute()).map((r) => r.name).sort();
+    assert.deepEqual(kept, ['opt-10', 'opt-11', 'opt-13']);
   });
 
   await t.test('a lone unit that fails leaves nothing', async () => {
