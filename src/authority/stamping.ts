@@ -20,8 +20,7 @@ import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createP
 import { writeFile as fsWriteFile } from 'node:fs';
 import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import type { Transaction } from 'kysely';
-import { appendAudit, type AuditEvent } from '../audit/audit-log.js';
+import { appendAudit } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { createArchiveWriter } from '../factory/archive.js';
 import { formatByName } from '../factory/formats/index.js';
@@ -31,11 +30,11 @@ import { sha256Fingerprint } from '../pki/certificate.js';
 import { nameToString } from '../pki/names.js';
 import { p256KeyPair, x25519KeyPair } from '../pki/raw-keys.js';
 import { DEFAULT_TENANT, udidOfKey } from '../registry/registry.js';
-import { nowIso, type Dialect } from '../store/database.js';
+import { nowIso } from '../store/database.js';
 import { rawSql } from '../store/raw-sql.js';
-import type { Database } from '../store/schema.js';
 import type { Authority } from './authority.js';
 import { signCertificate, type SigningCa } from './certificate-signer.js';
+import { STORE_STAMP_CHUNK, markStampsWritten } from './stamp-records.js';
 import { deviceSubject, deviceUris } from './device-names.js';
 import { profileByName } from './profiles.js';
 
@@ -199,61 +198,17 @@ function prepareChunk(maker: Maker, firstSeq: number, n: number): Promise<Prepar
 
 // ---------------------------------------------------------------- storing
 
-const SQLITE_MAX_PARAMETERS = 32_000;
-
-async function insertRows(trx: Transaction<Database>, dialect: Dialect, table: string, columns: readonly string[], rows: readonly unknown[][]): Promise<void> {
-  const perStatement = Math.max(1, Math.floor(SQLITE_MAX_PARAMETERS / columns.length));
-  const tuple = `(${columns.map(() => '?').join(', ')})`;
-  for (let i = 0; i < rows.length; i += perStatement) {
-    const part = rows.slice(i, i + perStatement);
-    await rawSql(trx, dialect, `insert into ${table} (${columns.join(', ')}) values ${part.map(() => tuple).join(', ')}`, part.flat());
-  }
-}
-
-interface StoreChunkInput {
-  readonly runId: string;
-  readonly ctx: StampContext;
-  readonly issuerId: number;
-  readonly chunk: readonly Prepared[];
-  readonly pendingKey: Buffer;
-  readonly actor: string;
-  /** Stamps of the previous chunk whose files are now written: cleared in the same transaction. */
-  readonly written: readonly string[];
-}
-
-async function storeChunk(authority: Authority, input: StoreChunkInput): Promise<void> {
-  const { ctx, chunk, actor } = input;
-  const dialect = authority.store.dialect;
-  const now = nowIso();
-  await authority.store.writeTransaction(async (trx) => {
-    await markWritten(trx, dialect, input.written, now);
-    // The quota taken for the whole chunk at once, atomically: the UPDATE only applies below quota.
-    const taken = await rawSql(trx, dialect, 'update batches set issued_count = issued_count + ? where id = ? and issued_count + ? <= quota', [chunk.length, ctx.batchId, chunk.length]);
-    if (taken.changed !== 1) throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has no quota left for ${chunk.length} more devices (quota ${ctx.quota}, line ${ctx.lineName})`);
-    await insertRows(trx, dialect, 'devices', ['udid', 'public_key_spki', 'public_key_sha256', 'serial_number', 'product_id', 'line_id', 'batch_id', 'tenant', 'birth_cert_der', 'state', 'created_at', 'updated_at', 'provisioned_at'],
-      chunk.map((p) => [p.stamp.udid, p.spki, p.stamp.udid, p.stamp.serialNumber, ctx.productId, ctx.lineId, ctx.batchId, DEFAULT_TENANT, null, 'provisioned', now, now, now]));
-    await insertRows(trx, dialect, 'certificates', ['issuer_id', 'serial', 'profile', 'subject', 'fingerprint_sha256', 'not_before', 'not_after', 'der', 'status', 'revoked_at', 'revocation_reason', 'requested_by', 'created_at', 'device_udid'],
-      chunk.map((p) => [input.issuerId, p.serialHex, ctx.profile, p.subjectText, p.fingerprint, nowIso(p.notBefore), nowIso(p.notAfter), p.stamp.certificateDer, 'valid', null, null, actor, now, p.stamp.udid]));
-    await insertRows(trx, dialect, 'stamps', ['udid', 'run_id', 'batch_id', 'seq', 'certificate_serial', 'pending', 'written_at', 'flashed_at', 'created_at'],
-      chunk.map((p) => [p.stamp.udid, input.runId, ctx.batchId, p.seq, p.serialHex, sealPending(input.pendingKey, p.stamp.udid, p.stamp), null, null, now]));
-    // One entry per device records both changes — its registration (registered: 'stamp', serial number,
-    // tenant) and its certificate — which halves the audit rows of a run of 100,000.
-    const audit: AuditEvent[] = chunk.map((p) => ({
-      actor, action: 'certificate.issue', target: p.serialHex, details: {
-        device: p.stamp.udid, batch: ctx.batchId, line: ctx.lineName, issuer: ctx.caName, profile: ctx.profile, subject: p.subjectText, fingerprintSha256: p.fingerprint,
-        firstIdentity: true, notAfter: nowIso(p.notAfter), serverKeygen: true, registered: 'stamp', serialNumber: p.stamp.serialNumber, tenant: DEFAULT_TENANT,
-        stampRun: input.runId, stampSeq: p.seq,
-      },
-    }));
-    await appendAudit(trx, audit);
+/** Commits a chunk (stamp-records.ts): on the SQLite writer thread when one runs, otherwise in this thread. */
+function storeChunk(authority: Authority, input: { runId: string; ctx: StampContext; issuerId: number; chunk: readonly Prepared[]; pendingKey: Buffer; actor: string; written: readonly string[] }): Promise<void> {
+  const { ctx } = input;
+  return authority.store.commit(STORE_STAMP_CHUNK, {
+    runId: input.runId, batchId: ctx.batchId, quota: ctx.quota, productId: ctx.productId, lineId: ctx.lineId, lineName: ctx.lineName, caName: ctx.caName,
+    issuerId: input.issuerId, profile: ctx.profile, tenant: DEFAULT_TENANT, actor: input.actor, written: input.written,
+    rows: input.chunk.map((p) => ({
+      seq: p.seq, udid: p.stamp.udid, spki: p.spki, serialNumber: p.stamp.serialNumber, certificateSerial: p.serialHex, subject: p.subjectText, fingerprint: p.fingerprint,
+      notBefore: nowIso(p.notBefore), notAfter: nowIso(p.notAfter), der: p.stamp.certificateDer, pending: sealPending(input.pendingKey, p.stamp.udid, p.stamp),
+    })),
   });
-}
-
-async function markWritten(trx: Transaction<Database>, dialect: Dialect, udids: readonly string[], at: string): Promise<void> {
-  for (let i = 0; i < udids.length; i += 500) {
-    const part = udids.slice(i, i + 500);
-    await rawSql(trx, dialect, `update stamps set pending = null, written_at = ? where udid in (${part.map(() => '?').join(', ')})`, [at, ...part]);
-  }
 }
 
 // ---------------------------------------------------------------- writing files
@@ -402,6 +357,9 @@ export async function generateStamps(authority: Authority, options: StampGenerat
   const { run, resumed } = await openRun(authority, ctx, options, outDir, encryptTo);
   await mkdir(outDir, { recursive: true, mode: 0o700 });
   const pendingKey = authority.fileKeys.deriveKey(PENDING_PURPOSE);
+  // SQLite: chunks commit on a writer thread (statements, WAL writes, fsync off the event loop) while
+  // this thread makes the next chunk. A no-op on PostgreSQL; stopped when the store closes.
+  authority.store.writeInBackground();
   const maker: Maker = { ctx, issuer, org: authority.config.org };
 
   // An encrypted run writes one archive per invocation; a torn one from a killed invocation is removed.
@@ -431,7 +389,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
     let rewritten = 0;
     for await (const stamps of pendingStamps(authority, run.id, ctx, authority.config.org, issuer.chain, pendingKey)) {
       await sink.write(stamps);
-      if (!archive) await authority.store.writeTransaction((trx) => markWritten(trx, authority.store.dialect, stamps.map((s) => s.udid), nowIso()));
+      if (!archive) await authority.store.writeTransaction((trx) => markStampsWritten(trx, authority.store.dialect, stamps.map((s) => s.udid), nowIso()));
       rewritten += stamps.length;
       done += stamps.length;
       options.onProgress?.({ done, total: run.requested });
@@ -475,7 +433,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
     }
     await authority.store.writeTransaction(async (trx) => {
       if (archive) await rawSql(trx, authority.store.dialect, 'update stamps set pending = null, written_at = ? where run_id = ? and written_at is null', [nowIso(), run.id]);
-      else await markWritten(trx, authority.store.dialect, written, nowIso());
+      else await markStampsWritten(trx, authority.store.dialect, written, nowIso());
       await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: nowIso() }).where('id', '=', run.id).execute();
       await appendAudit(trx, [{ actor: options.actor, action: 'stamp.complete', target: run.id, details: { batch: ctx.batchId, stamps: run.requested, generatedNow: generated, rewritten, archive: archivePath ?? null } }]);
     });
