@@ -471,6 +471,8 @@ export class Authority {
     const ski = keyIdentifier(cert.subjectPublicKeyInfo).toString('hex');
     const pending = await this.store.db.selectFrom('certificate_authorities').selectAll().where('ski', '=', ski).where('status', '=', 'pending').executeTakeFirst();
     if (!pending) throw new HallmarkError('CA_CERT_MISMATCH', 'no pending CA request has this certificate\'s key (run hallmark ca request first)');
+    // A factory station's CA (src/authority/station.ts) has no online key: its certificate has its own checks (name constraints, validity, package).
+    if (!pending.key_ref) throw new HallmarkError('CA_CERT_MISMATCH', `${pending.name} is a factory station's CA: install its certificate with hallmark station install`);
     // Either root during a rollover: the one whose name and key signed this certificate.
     const rootName = await this.directory.issuingRootOf(cert);
     const [rootDer] = await this.caChain(rootName, false);

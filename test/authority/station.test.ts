@@ -196,6 +196,8 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
     const pem = (der: Buffer) => encodePem('CERTIFICATE', der);
     const install = (s: CreatedStation, der: Buffer) => installStation(authority, { packageDir: s.packageDir, certificate: pem(der), actor: ACTOR });
     const before = await counts(store);
+    // `hallmark ca install` is not a way around the station's checks.
+    await assert.rejects(authority.installCa({ certificate: pem(await rootSign(a)), actor: ACTOR }), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /station install/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { permit: null })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /no name constraints/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { permit: [`O=${ORG}, OU=thermostat`] })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /must permit exactly/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { pathLen: 1 })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /path length 0/.test(err.message));
