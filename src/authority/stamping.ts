@@ -75,7 +75,7 @@ export interface StampRunReport {
   readonly seconds: number;
 }
 
-const DEFAULT_CHUNK = 512;
+const DEFAULT_CHUNK = 1024;
 const MAX_COUNT = 10_000_000;
 const PENDING_PURPOSE = 'stamp-pending-v1';
 /** File writes in flight at once. */
@@ -410,19 +410,30 @@ export async function generateStamps(authority: Authority, options: StampGenerat
       made += n;
       return p;
     };
+    // Three stages overlap: chunk k+1 is being made while chunk k commits (on the writer thread), and
+    // chunk k's files are written while chunk k+1 is made and committed. A chunk's files start only after
+    // its commit; its secrets are cleared in the commit after its files are complete.
     let preparing = take();
+    let writing: Promise<string[]> | undefined;
     while (preparing) {
       const chunk = await preparing;
       preparing = take();
       // A failure in the chunk being prepared must not surface as an unhandled rejection while this one is stored.
       preparing?.catch(() => {});
       await storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: archive ? [] : written });
-      await sink.write(chunk.map((p) => p.stamp));
-      written = chunk.map((p) => p.stamp.udid);
+      written = [];
+      if (writing) written = await writing;
+      const udids = chunk.map((p) => p.stamp.udid);
+      writing = sink.write(chunk.map((p) => p.stamp)).then(() => {
+        done += udids.length;
+        options.onProgress?.({ done, total: run.requested });
+        return udids;
+      });
+      // Awaited in the next round or below; a failure meanwhile is handled there.
+      writing.catch(() => {});
       generated += chunk.length;
-      done += chunk.length;
-      options.onProgress?.({ done, total: run.requested });
     }
+    if (writing) written = [...written, ...(await writing)];
 
     // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
     const summaryCsv = join(outDir, `stamps-${run.id}.csv`);

@@ -120,7 +120,8 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       // The process "dies" right after the first chunk is committed and its files written, before they are marked written.
       await assert.rejects(generateStamps(authority, { ...options, onProgress: (p) => { if (p.done >= 40) throw new Error('killed'); } }), /killed/);
       const pending = await db.selectFrom('stamps').select(['udid', 'pending']).where('batch_id', '=', batch).execute();
-      assert.equal(pending.length, 40);
+      // The first chunk's files are written; the next chunk may be committed too (the stages overlap).
+      assert.ok(pending.length >= 40 && pending.length < 100, `${pending.length} stamps recorded`);
       assert.ok(pending.every((p) => p.pending !== null), 'recorded, secrets kept (encrypted) until the files are known to be written');
       assert.ok(!pending.some((p) => Buffer.from(p.pending!).includes(Buffer.from('PRIVATE KEY'))));
       const first = formatByName('json').decode(readFileSync(join(out, readdirSync(out).find((f) => f.endsWith('.json'))!)));
@@ -129,8 +130,8 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       await assert.rejects(generateStamps(authority, { ...options, count: 50 }), hasCode('STAMP_RUN_UNFINISHED'));
       const report = await generateStamps(authority, options);
       assert.equal(report.resumed, true);
-      assert.equal(report.rewritten, 40);
-      assert.equal(report.generated, 60);
+      assert.equal(report.rewritten, pending.length);
+      assert.equal(report.generated, 100 - pending.length);
       const again = formatByName('json').decode(readFileSync(join(out, `${first.serialNumber}.json`)));
       assert.deepEqual(again, first, 'the rewritten stamp is the same stamp (same key, certificate, secrets)');
       const stamps = await db.selectFrom('stamps').select(['pending', 'written_at']).where('batch_id', '=', batch).execute();
