@@ -309,7 +309,8 @@ function onboardingPublicKey(pkcs8: Buffer): Buffer {
   return createPublicKey(createPrivateKey({ key: pkcs8, format: 'der', type: 'pkcs8' })).export({ type: 'spki', format: 'der' });
 }
 
-async function writeSummary(authority: Authority, runId: string, path: string): Promise<Buffer> {
+/** Writes the summary CSV; returns its bytes too when `keep` (for the archive: ~150 bytes a device). */
+async function writeSummary(authority: Authority, runId: string, path: string, keep: boolean): Promise<Buffer | undefined> {
   // Written from the store (not as files are written), so a resumed run's summary has each stamp once.
   const lines: string[] = [batchSummaryCsvHeader()];
   const file = await open(`${path}.partial`, 'w', 0o644);
@@ -326,17 +327,17 @@ async function writeSummary(authority: Authority, runId: string, path: string): 
       for (const r of rows) lines.push(batchSummaryCsvLine({ serialNumber: r.serial_number!, udid: r.udid }, r.fingerprint_sha256));
       after = Number(rows.at(-1)!.seq);
       const data = Buffer.from(lines.join(''), 'utf8');
-      chunks.push(data);
+      if (keep) chunks.push(data);
       await file.write(data);
       lines.length = 0;
     }
-    if (lines.length) { const data = Buffer.from(lines.join(''), 'utf8'); chunks.push(data); await file.write(data); }
+    if (lines.length) { const data = Buffer.from(lines.join(''), 'utf8'); if (keep) chunks.push(data); await file.write(data); }
     await file.sync();
   } finally {
     await file.close();
   }
   await rename(`${path}.partial`, path);
-  return Buffer.concat(chunks);
+  return keep ? Buffer.concat(chunks) : undefined;
 }
 
 /**
@@ -437,9 +438,9 @@ export async function generateStamps(authority: Authority, options: StampGenerat
 
     // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
     const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
-    const summary = await writeSummary(authority, run.id, summaryCsv);
+    const summary = await writeSummary(authority, run.id, summaryCsv, !!archive);
     if (archive) {
-      await archive.add(`stamps-${run.id}.csv`, summary);
+      await archive.add(`stamps-${run.id}.csv`, summary!);
       await archive.finish();
     }
     await authority.store.writeTransaction(async (trx) => {
