@@ -5,31 +5,20 @@
 //
 // Env: HALLMARK_BENCH_CONNECT_DEVICES [1000], HALLMARK_BENCH_CONNECT_CHECKS [2,000,000].
 
-import { createECDH, createPrivateKey } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Authority } from '../src/authority/authority.js';
 import { initAuthority } from '../src/authority/init.js';
 import { ConnectionChecker } from '../src/connect/decision.js';
-import { createCsr, parseCsr } from '../src/pki/csr.js';
-import { encodeNameString } from '../src/pki/names.js';
+import { parseCsr } from '../src/pki/csr.js';
 import { figure, log, type Figure } from './figure.js';
+import { benchCsr } from './keys.js';
 
 const DEVICES = Number(process.env.HALLMARK_BENCH_CONNECT_DEVICES ?? 1000);
 const CHECKS = Number(process.env.HALLMARK_BENCH_CONNECT_CHECKS ?? 2_000_000);
 const PASSPHRASE = 'connect-check bench passphrase';
 
-/** CSRs with keys from createECDH (see bench/est-enrolment.bench.ts for why not generateKeyPairSync). */
-function csr(ecdh: ReturnType<typeof createECDH>): Buffer {
-  ecdh.generateKeys();
-  const point = ecdh.getPublicKey();
-  const privateKey = createPrivateKey({
-    key: { kty: 'EC', crv: 'P-256', x: point.subarray(1, 33).toString('base64url'), y: point.subarray(33, 65).toString('base64url'), d: Buffer.from(ecdh.getPrivateKey().toString('hex').padStart(64, '0'), 'hex').toString('base64url') },
-    format: 'jwk',
-  });
-  return createCsr({ subject: encodeNameString('CN=bench'), privateKey });
-}
 
 export async function run(): Promise<Figure[]> {
   const dir = await mkdtemp(join(tmpdir(), 'hallmark-bench-connect-'));
@@ -42,8 +31,7 @@ export async function run(): Promise<Figure[]> {
       await authority.registry.createProduct({ name: 'meter', actor: 'bench' });
       await authority.registry.createLine({ name: 'line-a', ca: 'issuing-1', actor: 'bench' });
       const batch = await authority.registry.createBatch({ product: 'meter', line: 'line-a', quota: DEVICES, actor: 'bench' });
-      const ecdh = createECDH('prime256v1');
-      const csrs = Array.from({ length: DEVICES }, () => csr(ecdh));
+      const csrs = Array.from({ length: DEVICES }, () => benchCsr());
       await authority.registry.registerDevices(batch, csrs.map((c) => ({ publicKeySpki: parseCsr(c).subjectPublicKeyInfo })), 'bench');
       const { udidOfKey } = await import('../src/registry/registry.js');
       const chains: Buffer[][] = [];

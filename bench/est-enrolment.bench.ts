@@ -18,7 +18,6 @@
 // HALLMARK_BENCH_EST_PROCESSES server processes sharing the port through node:cluster [1].
 
 import { fork, type ChildProcess } from 'node:child_process';
-import { createECDH, createPrivateKey } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { connect as tlsConnect, createSecureContext, type SecureContext, type TLSSocket } from 'node:tls';
@@ -35,6 +34,7 @@ import { encodePem } from '../src/pki/pem.js';
 import { decodeCertsOnly } from '../src/protocols/est/wire.js';
 import type { ServerStats } from './est-server.js';
 import { figure, log, type Figure } from './figure.js';
+import { benchP256Key } from './keys.js';
 import { cryptoCeiling } from './issuance.bench.js';
 
 const envInt = (name: string, fallback: number): number => {
@@ -74,21 +74,13 @@ const fmt = (n: number): string => Math.round(n).toLocaleString('en-US');
 
 /**
  * P-256 CSRs with distinct keys, base64 (what an EST client sends), and each CSR's SPKI (to check the
- * certificate that comes back). Keys from createECDH, not generateKeyPairSync: Node 20 can deadlock
- * when a key's details are read while a GC finalises the KeyGenJob that made it (bench/issuance.bench.ts);
- * ECDH keys involve no such job.
+ * certificate that comes back). Keys from bench/keys.ts (why not generateKeyPairSync: there).
  */
 function makeCsrs(n: number, prefix: string): { b64: string[]; spki: Buffer[] } {
   const b64: string[] = [];
   const spki: Buffer[] = [];
-  const ecdh = createECDH('prime256v1');
   for (let i = 0; i < n; i++) {
-    ecdh.generateKeys();
-    const point = ecdh.getPublicKey();
-    const privateKey = createPrivateKey({
-      key: { kty: 'EC', crv: 'P-256', x: point.subarray(1, 33).toString('base64url'), y: point.subarray(33, 65).toString('base64url'), d: Buffer.from(ecdh.getPrivateKey().toString('hex').padStart(64, '0'), 'hex').toString('base64url') },
-      format: 'jwk',
-    });
+    const privateKey = benchP256Key();
     const der = createCsr({ subject: encodeNameString(`CN=${prefix}-${String(i).padStart(6, '0')},O=Hallmark Bench`), privateKey });
     b64.push(der.toString('base64'));
     spki.push(parseCsr(der).subjectPublicKeyInfo);

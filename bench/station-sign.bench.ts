@@ -12,33 +12,23 @@
 //
 // Env: HALLMARK_BENCH_STATION_CSRS [5000].
 
-import { createECDH, createHash, createPrivateKey, sign as nodeSign, verify as nodeVerify, generateKeyPairSync } from 'node:crypto';
+import { createHash, sign as nodeSign, verify as nodeVerify, generateKeyPairSync } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pkcs11js from 'pkcs11js';
 import { parsePkcs11Uri } from '../src/keys/pkcs11-backend.js';
 import { publicKeyFromSpki } from '../src/pki/algorithms.js';
-import { createCsr, parseCsr } from '../src/pki/csr.js';
-import { encodeNameString } from '../src/pki/names.js';
+import { parseCsr } from '../src/pki/csr.js';
 import { verifyJournal } from '../src/station/journal.js';
 import { Station, initStation } from '../src/station/station.js';
 import { softHsmAvailable } from '../test/helpers/softhsm.js';
 import { createStationToken, makePackage, makeRoot } from '../test/station/fixtures.js';
 import { figure, log, type Figure } from './figure.js';
+import { benchCsr } from './keys.js';
 
 const CSRS = Number(process.env.HALLMARK_BENCH_STATION_CSRS ?? 5000);
 
-/** CSRs with keys from createECDH (generateKeyPairSync costs ~1 ms a key; see bench/est-enrolment.bench.ts). */
-function csr(ecdh: ReturnType<typeof createECDH>): Buffer {
-  ecdh.generateKeys();
-  const point = ecdh.getPublicKey();
-  const privateKey = createPrivateKey({
-    key: { kty: 'EC', crv: 'P-256', x: point.subarray(1, 33).toString('base64url'), y: point.subarray(33, 65).toString('base64url'), d: Buffer.from(ecdh.getPrivateKey().toString('hex').padStart(64, '0'), 'hex').toString('base64url') },
-    format: 'jwk',
-  });
-  return createCsr({ subject: encodeNameString('CN=device'), privateKey });
-}
 
 /** Raw token signatures per second: C_SignInit + C_Sign (CKM_ECDSA on a SHA-256 digest), one session. */
 function rawTokenRate(module: string, tokenLabel: string, pin: string, keyUri: string, n: number): number {
@@ -95,8 +85,7 @@ export async function run(): Promise<Figure[]> {
     await makePackage(join(dir, 'package'), { stationSpki: tok.spki, root: makeRoot(), manifest: { keyUri: tok.keyUri, quota: CSRS + 10 } });
     await initStation({ dir: join(dir, 'station'), packageDir: join(dir, 'package'), pin: tok.token.pin, module: tok.token.module });
     log(`station-sign: making ${CSRS} P-256 CSRs`);
-    const ecdh = createECDH('prime256v1');
-    const csrs = Array.from({ length: CSRS }, () => csr(ecdh));
+    const csrs = Array.from({ length: CSRS }, () => benchCsr('CN=device'));
 
     const station = await Station.open({ dir: join(dir, 'station'), pin: tok.token.pin });
     let signed = 0;

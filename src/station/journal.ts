@@ -28,6 +28,7 @@
 
 import { createHash, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
+import { FileOverLimit, readFileWithin } from '../files.js';
 import { dirname } from 'node:path';
 import { HallmarkError } from '../errors.js';
 import { SCHEME_BY_OID, publicKeyFromSpki, signingSchemeFor } from '../pki/algorithms.js';
@@ -648,28 +649,11 @@ export async function verifyJournal(input: string | Buffer, options: VerifyJourn
 
 /** Reads a journal file whole, with the size limit checked before reading. */
 export async function readJournalFile(path: string): Promise<Buffer> {
-  let h: FileHandle;
   try {
-    h = await openFile(path, 'r');
+    return await readFileWithin(path, JOURNAL_LIMITS.totalBytes);
   } catch (err) {
+    if (err instanceof FileOverLimit) throw new HallmarkError('JOURNAL_INVALID', `the journal ${path} is ${err.size} bytes, over the ${err.limit}-byte limit`);
     throw new HallmarkError('JOURNAL_INVALID', `cannot read the journal ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  try {
-    const size = (await h.stat()).size;
-    if (size > JOURNAL_LIMITS.totalBytes) throw new HallmarkError('JOURNAL_INVALID', `the journal ${path} is ${size} bytes, over the ${JOURNAL_LIMITS.totalBytes}-byte limit`);
-    const buf = Buffer.alloc(size);
-    let off = 0;
-    while (off < size) {
-      const { bytesRead } = await h.read(buf, off, size - off, off);
-      if (bytesRead === 0) break;
-      off += bytesRead;
-    }
-    return buf.subarray(0, off);
-  } catch (err) {
-    if (err instanceof HallmarkError) throw err;
-    throw new HallmarkError('JOURNAL_INVALID', `cannot read the journal ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  } finally {
-    await h.close();
   }
 }
 

@@ -11,6 +11,7 @@
 
 import { createHash } from 'node:crypto';
 import { mkdir, open as openFile, rename, stat, writeFile } from 'node:fs/promises';
+import { FileOverLimit, readFileWithin } from '../files.js';
 import { join } from 'node:path';
 import { HallmarkError } from '../errors.js';
 import { PROFILES } from '../authority/profiles.js';
@@ -409,26 +410,12 @@ export function checkStationPackage(parts: { manifest: string | Buffer | Station
 }
 
 async function readLimited(path: string, limit: number, name: string): Promise<Buffer> {
-  let handle;
   try {
-    handle = await openFile(path, 'r');
+    return await readFileWithin(path, limit);
   } catch (err) {
+    if (err instanceof FileOverLimit) throw invalid(`${name} is ${err.size} bytes, over the ${limit}-byte limit`);
     const code = (err as NodeJS.ErrnoException).code;
-    throw invalid(code === 'ENOENT' ? `the package has no ${name} (${path})${name === PACKAGE_FILES.certificate ? ': has the ceremony signed it and `hallmark station install` completed the package?' : ''}` : `cannot read ${path}: ${code}`);
-  }
-  try {
-    const size = (await handle.stat()).size;
-    if (size > limit) throw invalid(`${name} is ${size} bytes, over the ${limit}-byte limit`);
-    const buf = Buffer.alloc(size);
-    let off = 0;
-    while (off < size) {
-      const { bytesRead } = await handle.read(buf, off, size - off, off);
-      if (bytesRead === 0) break;
-      off += bytesRead;
-    }
-    return buf.subarray(0, off);
-  } finally {
-    await handle.close();
+    throw invalid(code === 'ENOENT' ? `the package has no ${name} (${path})${name === PACKAGE_FILES.certificate ? ': has the ceremony signed it and `hallmark station install` completed the package?' : ''}` : `cannot read ${path}: ${code ?? (err as Error).message}`);
   }
 }
 
