@@ -214,7 +214,8 @@ describe('factory station with SoftHSM2 through the CLI', { skip }, () => {
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline) {
-      if (existsSync(certs) && readdirSync(certs).length >= 500) break;
+      // Count certificates only: a file being written is a temporary one until renamed.
+      if (existsSync(certs) && readdirSync(certs).filter((f) => f.endsWith('.pem')).length >= 500) break;
       await new Promise((r) => setTimeout(r, 10));
     }
     child.kill('SIGKILL');
