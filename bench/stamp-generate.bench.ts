@@ -8,9 +8,14 @@
 // cores). Beside it, the shell loop people use today: openssl genpkey + req + x509 -req per device,
 // measured for a few hundred devices.
 //
+// Beside them, the file system floor: the rate one thread creates files of a stamp's size in one
+// directory doing nothing else (one file per device is the json/tlv/nvs formats' shape), measured after
+// the run in a sibling directory.
+//
 // Env: HALLMARK_BENCH_STAMPS [100,000], HALLMARK_BENCH_STAMP_OPENSSL [200], HALLMARK_BENCH_STAMP_FORMATS [json].
 
 import { execFileSync } from 'node:child_process';
+import { closeSync, mkdirSync, openSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { generateKeyPairSync, randomBytes, sign } from 'node:crypto';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -24,6 +29,7 @@ const STAMPS = Number(process.env.HALLMARK_BENCH_STAMPS ?? 100_000);
 const OPENSSL_DEVICES = Number(process.env.HALLMARK_BENCH_STAMP_OPENSSL ?? 200);
 const FORMATS = (process.env.HALLMARK_BENCH_STAMP_FORMATS ?? 'json').split(',') as StampFormatName[];
 const PASSPHRASE = 'stamp bench passphrase';
+const FLOOR_FILES = Math.min(STAMPS, 20_000);
 
 function oneThreadCeiling(ms = 2000): number {
   const message = randomBytes(400);
@@ -35,6 +41,25 @@ function oneThreadCeiling(ms = 2000): number {
     n++;
   }
   return n / (ms / 1000);
+}
+
+/** Bytes of one stamp file of the run (the first one found). */
+function stampFileSize(outDir: string): number {
+  const name = readdirSync(outDir).find((n) => FORMATS.some((f) => n.endsWith(f === 'tlv' ? '.tlv.bin' : f === 'nvs' ? '.csv' : '.json')) && !n.startsWith('stamps-'));
+  return name ? statSync(join(outDir, name)).size : 2500;
+}
+
+/** Files/s that this file system allows one thread, for files of a stamp's size in one directory. */
+function fileCreationFloor(floorDir: string, files: number, size: number): number {
+  mkdirSync(floorDir);
+  const data = randomBytes(size);
+  const started = performance.now();
+  for (let i = 0; i < files; i++) {
+    const fd = openSync(join(floorDir, `F-${String(i).padStart(6, '0')}.json`), 'w', 0o600);
+    writeSync(fd, data);
+    closeSync(fd);
+  }
+  return files / ((performance.now() - started) / 1000);
 }
 
 /** The openssl shell loop: a key, a CSR and a CA-signed certificate per device, files on disk. */
@@ -68,8 +93,9 @@ export async function run(): Promise<Figure[]> {
       await authority.registry.createProduct({ name: 'plug', allowServerKeygen: true, actor: 'bench' });
       await authority.registry.createLine({ name: 'line-b', ca: 'issuing-1', actor: 'bench' });
       const warm = await authority.registry.createBatch({ product: 'plug', line: 'line-b', quota: 2000, actor: 'bench' });
+      // The warm-up's files stay until the end: on ext4 without a journal (this machine), creating a file
+      // within ~30 s of many deletions scans the deleted inodes (recently_deleted) and costs 5–15× more.
       await generateStamps(authority, { batch: warm, count: 2000, outDir: join(dir, 'warm'), formats: FORMATS, actor: 'bench' });
-      await rm(join(dir, 'warm'), { recursive: true, force: true });
       const batch = await authority.registry.createBatch({ product: 'plug', line: 'line-b', quota: STAMPS, actor: 'bench' });
       log(`stamps: ${STAMPS.toLocaleString('en')} devices, formats ${FORMATS.join(',')}`);
       const started = performance.now();
@@ -88,6 +114,8 @@ export async function run(): Promise<Figure[]> {
     } finally {
       await authority.close();
     }
+    log(`file system floor: ${FLOOR_FILES.toLocaleString('en')} files of a stamp's size, one thread`);
+    const floor = fileCreationFloor(join(dir, 'floor'), FLOOR_FILES, stampFileSize(join(dir, 'out')));
     log('ceiling: P-256 keygen + sign on one thread');
     const ceiling = oneThreadCeiling();
     log(`openssl shell loop: ${OPENSSL_DEVICES} devices`);
@@ -97,7 +125,9 @@ export async function run(): Promise<Figure[]> {
     const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`;
     return [
       figure(`stamps generated (${STAMPS.toLocaleString('en')}, ${FORMATS.join('+')}, sqlite)`, rate, 'stamps/s', ceiling,
-        `ceiling: P-256 keygen + sign, one thread; peak RSS ${mib(peakRss)}, growth after the first 10 %: ${mib(rssGrowth)}`),
+        `ceiling: P-256 keygen + sign, one thread; peak RSS ${mib(peakRss)}, growth after the first 10 %: ${mib(rssGrowth)}; ${(rate / floor).toFixed(2)}× the file system floor`),
+      figure('file system floor (create + write one stamp-sized file, one thread)', floor, 'files/s', null,
+        'bare openSync/writeSync/closeSync in one directory, nothing else: what writing one file per device costs here before any key is made'),
       figure('openssl shell loop (genpkey + req + x509 -req per device)', openssl, 'devices/s', ceiling, `stamps are ${(rate / openssl).toFixed(0)}× faster`),
     ];
   } finally {

@@ -61,6 +61,7 @@ export const ERROR_CODES = {
   STAMP_ARCHIVE_INVALID: { status: 400, meaning: 'The stamp archive is not an archive, is truncated, or was changed after signing; the message names what is wrong.' },
   STAMP_ARCHIVE_WRONG_KEY: { status: 400, meaning: 'The stamp archive is encrypted to another factory key (the message names the key it was made for), or the key given is not a P-256 factory key.' },
   STAMP_ARCHIVE_UNTRUSTED: { status: 400, meaning: 'The stamp archive signer does not chain to a trusted root, is not a CA, or is not valid now.' },
+  STAMP_WRITE_FAILED: { status: 500, meaning: 'A stamp file could not be written (disk full, permissions); the message names the file and the system error. The committed stamps stay pending: run the same command again once fixed.' },
   STATION_PACKAGE_INVALID: { status: 400, meaning: 'The station package (station.json, station.pem, chain.pem) is malformed, incomplete, expired or does not chain to its root; the message names the field or file.' },
   STATION_KEY_MISMATCH: { status: 400, meaning: 'The key in the PKCS#11 token is not the key of the station certificate (station.pem).' },
   STATION_NOT_INITIALISED: { status: 409, meaning: 'The directory holds no factory station (run hallmark station init).' },

@@ -39,7 +39,7 @@ export interface StampChunk {
   readonly tenant: string;
   readonly actor: string;
   readonly rows: readonly StampChunkRow[];
-  /** Stamps of the previous chunk whose files are now written: their secrets are cleared in the same transaction. */
+  /** Stamps of earlier chunks whose files are now written (recorded; their secrets are kept until the run is flushed). */
   readonly written: readonly string[];
 }
 
@@ -54,12 +54,21 @@ async function insertRows(trx: Transaction<Database>, dialect: Dialect, table: s
   }
 }
 
-/** Clears the secrets of stamps whose files are written. */
+/**
+ * Records that these stamps' files are written. Their secrets stay (encrypted) until the files are known
+ * to be on disk — forgetStampSecrets, after the file system is flushed — so a power cut cannot lose a
+ * device's only key.
+ */
 export async function markStampsWritten(trx: Transaction<Database>, dialect: Dialect, udids: readonly string[], at: string): Promise<void> {
   for (let i = 0; i < udids.length; i += 500) {
     const part = udids.slice(i, i + 500);
-    await rawSql(trx, dialect, `update stamps set pending = null, written_at = ? where udid in (${part.map(() => '?').join(', ')})`, [at, ...part]);
+    await rawSql(trx, dialect, `update stamps set written_at = ? where written_at is null and udid in (${part.map(() => '?').join(', ')})`, [at, ...part]);
   }
+}
+
+/** Clears the kept secrets of a run whose files (or archive) are flushed to disk. */
+export async function forgetStampSecrets(trx: Transaction<Database>, dialect: Dialect, runId: string, at: string): Promise<void> {
+  await rawSql(trx, dialect, 'update stamps set pending = null, written_at = coalesce(written_at, ?) where run_id = ? and pending is not null', [at, runId]);
 }
 
 export const STORE_STAMP_CHUNK = defineProcedure(import.meta.url, 'storeStampChunk', async (trx, dialect, c: StampChunk) => {

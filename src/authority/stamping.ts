@@ -6,10 +6,11 @@
 // Durability and resumption. Work goes in chunks. A chunk's devices, certificates, audit entries and
 // stamp rows commit in one transaction, the stamp's secrets (device key, onboarding key, PoP secret)
 // with them, encrypted under a key derived from the authority's key store (never in clear on disk).
-// The files are written after the commit; the secrets are cleared once they are. A kill -9 at any
-// moment leaves either nothing of a chunk or a committed chunk whose stamps are still `pending`;
-// running the same command again finds the unfinished run, rewrites the pending stamps from the
-// stored secrets, and carries on. No registered device is ever without its recorded certificate.
+// The files are written after the commit; the secrets are cleared at the end of the run, once the file
+// system is flushed (a power cut must not lose the only copy of a key). A kill -9 or power cut at any
+// moment leaves either nothing of a chunk or committed stamps whose secrets are still kept; running
+// the same command again finds the unfinished run, rewrites those stamps from the stored secrets, and
+// carries on. No registered device is ever without its recorded certificate.
 //
 // Speed. Keys come from DER templates around raw key material (src/pki/raw-keys.ts: OpenSSL's encoders
 // cost several times the key generation). X25519 onboarding keys and certificate signatures run on the
@@ -17,13 +18,14 @@
 // the next chunk is prepared while the current one is stored.
 
 import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, randomBytes } from 'node:crypto';
-import { writeFile as fsWriteFile } from 'node:fs';
 import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { appendAudit } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { createArchiveWriter } from '../factory/archive.js';
+import { flushFileSystem } from '../files.js';
 import { formatByName } from '../factory/formats/index.js';
+import { StampFileWriter } from '../factory/stamp-file-writer.js';
 import { batchSummaryCsvHeader, batchSummaryCsvLine } from '../factory/formats/json.js';
 import { STAMP_VERSION, madeByThisAuthority, qrPayloadFor, type Stamp, type StampFormat } from '../factory/stamp.js';
 import { sha256Fingerprint } from '../pki/certificate.js';
@@ -34,7 +36,7 @@ import { nowIso } from '../store/database.js';
 import { rawSql } from '../store/raw-sql.js';
 import type { Authority } from './authority.js';
 import { signCertificate, type SigningCa } from './certificate-signer.js';
-import { STORE_STAMP_CHUNK, markStampsWritten } from './stamp-records.js';
+import { STORE_STAMP_CHUNK, forgetStampSecrets, markStampsWritten } from './stamp-records.js';
 import { deviceSubject, deviceUris } from './device-names.js';
 import { profileByName } from './profiles.js';
 
@@ -78,8 +80,8 @@ export interface StampRunReport {
 const DEFAULT_CHUNK = 1024;
 const MAX_COUNT = 10_000_000;
 const PENDING_PURPOSE = 'stamp-pending-v1';
-/** File writes in flight at once. */
-const WRITE_CONCURRENCY = 32;
+/** Chunks made but not yet written, at most (memory: ~3 MB a chunk of 1,024). */
+const IN_FLIGHT = 3;
 
 interface StampContext {
   readonly batchId: string;
@@ -221,24 +223,11 @@ function fileNames(stamp: Stamp, formats: readonly StampFormat[]): { name: strin
   return formats.map((format) => ({ name: `${stamp.serialNumber}${format.extension}`, format }));
 }
 
-function writeFileCallback(path: string, data: Buffer): Promise<void> {
-  return new Promise((resolveWrite, reject) => fsWriteFile(path, data, { mode: 0o600 }, (err) => (err ? reject(err) : resolveWrite())));
-}
-
-function plainSink(outDir: string, formats: readonly StampFormat[]): Sink {
+/** Stamp files on their own writer thread (src/factory/stamp-file-writer.ts), one message per chunk. */
+function plainSink(writer: StampFileWriter, formats: readonly StampFormat[]): Sink {
   return {
-    async write(stamps) {
-      const jobs = stamps.flatMap((stamp) => fileNames(stamp, formats).map((f) => ({ ...f, stamp })));
-      let next = 0;
-      const worker = async (): Promise<void> => {
-        for (let i = next++; i < jobs.length; i = next++) {
-          const job = jobs[i]!;
-          // 0600: the file holds the device's private key. The callback form of fs.writeFile: the promise
-          // form builds a FileHandle per file (~40 µs of event-loop time each, measured).
-          await writeFileCallback(join(outDir, job.name), job.format.encode(job.stamp));
-        }
-      };
-      await Promise.all(Array.from({ length: Math.min(WRITE_CONCURRENCY, jobs.length) }, worker));
+    write(stamps) {
+      return writer.write(stamps.flatMap((stamp) => fileNames(stamp, formats).map((f) => ({ name: f.name, bytes: f.format.encode(stamp) }))));
     },
   };
 }
@@ -277,7 +266,11 @@ async function openRun(authority: Authority, ctx: StampContext, options: StampGe
   return { run, resumed: false };
 }
 
-/** The stamps an interrupted invocation committed but did not write, rebuilt from the store, in pages. */
+/**
+ * The stamps of an interrupted invocation whose files are not known to be on disk (their secrets are
+ * still kept), rebuilt from the store, in pages. Files that were written are written again: after a
+ * kill -9 they are intact, after a power cut they may not be, and the two cannot be told apart.
+ */
 async function* pendingStamps(authority: Authority, runId: string, ctx: StampContext, org: string, chain: readonly Buffer[], pendingKey: Buffer): AsyncGenerator<Stamp[]> {
   let after = 0;
   for (;;) {
@@ -285,12 +278,11 @@ async function* pendingStamps(authority: Authority, runId: string, ctx: StampCon
       .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
       .innerJoin('devices as d', 'd.udid', 's.udid')
       .select(['s.udid', 's.seq', 's.pending', 'c.der', 'd.serial_number', 'd.public_key_spki'])
-      .where('s.run_id', '=', runId).where('s.written_at', 'is', null).where('s.seq', '>', after).orderBy('s.seq').limit(256).execute();
+      .where('s.run_id', '=', runId).where('s.pending', 'is not', null).where('s.seq', '>', after).orderBy('s.seq').limit(256).execute();
     if (rows.length === 0) return;
     const out: Stamp[] = [];
     for (const r of rows) {
-      if (!r.pending) throw new HallmarkError('STAMP_INVALID', `stamp ${r.udid} is neither written nor pending`);
-      const secrets = openPending(pendingKey, r.udid, Buffer.from(r.pending));
+      const secrets = openPending(pendingKey, r.udid, Buffer.from(r.pending!));
       const onboardingSpki = onboardingPublicKey(secrets.onboardingPrivateKeyPkcs8);
       out.push({
         version: STAMP_VERSION, serialNumber: r.serial_number!, udid: r.udid, company: org, product: ctx.productName, batch: ctx.batchId,
@@ -365,6 +357,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
 
   // An encrypted run writes one archive per invocation; a torn one from a killed invocation is removed.
   let archive: Awaited<ReturnType<typeof createArchiveWriter>> | undefined;
+  let fileWriter: StampFileWriter | undefined;
   let archivePath: string | undefined;
   if (options.encryptTo) {
     for (const name of await readdir(outDir)) if (name.startsWith(`stamps-${run.id}`) && name.endsWith('.partial')) await rm(join(outDir, name), { force: true });
@@ -377,7 +370,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
   }
   const sink: Sink = archive
     ? { async write(stamps) { for (const s of stamps) for (const f of fileNames(s, formats)) await archive!.add(f.name, f.format.encode(s)); } }
-    : plainSink(outDir, formats);
+    : plainSink(fileWriter = new StampFileWriter(outDir), formats);
 
   try {
     const counts = await authority.store.db.selectFrom('stamps').select((eb) => [eb.fn.countAll<number>().as('made'), eb.fn.count<number>('written_at').as('written'), eb.fn.max<number>('seq').as('last')])
@@ -401,6 +394,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
     let nextSeq = Number(lastSeq.last ?? 0) + 1;
     const chunkSize = Math.max(1, Math.min(options.chunkSize ?? DEFAULT_CHUNK, 2000));
     let generated = 0;
+    // UDIDs whose files are written and whose secrets the next commit clears.
     let written: string[] = [];
     const issuerId = Number(issuer.row.id);
     const take = (): Promise<Prepared[]> | undefined => {
@@ -411,30 +405,44 @@ export async function generateStamps(authority: Authority, options: StampGenerat
       made += n;
       return p;
     };
-    // Three stages overlap: chunk k+1 is being made while chunk k commits (on the writer thread), and
-    // chunk k's files are written while chunk k+1 is made and committed. A chunk's files start only after
-    // its commit; its secrets are cleared in the commit after its files are complete.
-    let preparing = take();
-    let writing: Promise<string[]> | undefined;
-    while (preparing) {
+    // Three stages overlap, each on its own thread: this thread makes chunk k+2 (keys and signatures, with
+    // the libuv pool) while chunk k+1 commits (SQLite writer thread) and chunk k's files are written (file
+    // writer thread). Order is kept: a chunk commits after the one before it, its files start only after
+    // its commit, and its secrets are cleared by the first commit after its files are complete. At most
+    // IN_FLIGHT chunks are made but not yet written, so memory stays flat in N.
+    let committed: Promise<void> = Promise.resolve();
+    let lastFiles: Promise<void> = Promise.resolve();
+    const inFlight: Promise<void>[] = [];
+    let failure: unknown;
+    const fail = (err: unknown): void => { failure ??= err; };
+    for (let preparing = take(); preparing;) {
       const chunk = await preparing;
+      if (failure) throw failure;
       preparing = take();
-      // A failure in the chunk being prepared must not surface as an unhandled rejection while this one is stored.
+      // A failure in the chunk being prepared must not surface as an unhandled rejection meanwhile.
       preparing?.catch(() => {});
-      await storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: archive ? [] : written });
-      written = [];
-      if (writing) written = await writing;
-      const udids = chunk.map((p) => p.stamp.udid);
-      writing = sink.write(chunk.map((p) => p.stamp)).then(() => {
-        done += udids.length;
-        options.onProgress?.({ done, total: run.requested });
-        return udids;
+      const commit = committed.then(() => {
+        if (failure) throw failure;
+        const clear = archive ? [] : written;
+        written = [];
+        return storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: clear })
+          .catch((err: unknown) => { written = [...clear, ...written]; throw err; });
       });
-      // Awaited in the next round or below; a failure meanwhile is handled there.
-      writing.catch(() => {});
+      const files = Promise.all([commit, lastFiles]).then(async () => {
+        await sink.write(chunk.map((p) => p.stamp));
+        for (const p of chunk) written.push(p.stamp.udid);
+        done += chunk.length;
+        options.onProgress?.({ done, total: run.requested });
+      });
+      committed = commit.catch((err: unknown) => { fail(err); });
+      lastFiles = files.catch((err: unknown) => { fail(err); });
+      inFlight.push(lastFiles);
       generated += chunk.length;
+      if (inFlight.length >= IN_FLIGHT) await inFlight.shift();
+      if (failure) throw failure;
     }
-    if (writing) written = [...written, ...(await writing)];
+    await Promise.all([committed, lastFiles]);
+    if (failure) throw failure;
 
     // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
     const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
@@ -443,16 +451,26 @@ export async function generateStamps(authority: Authority, options: StampGenerat
       await archive.add(`stamps-${run.id}.csv`, summary!);
       await archive.finish();
     }
+    // The secrets kept in the store are the only copy of the device keys until the files are on disk:
+    // flush the file system (the archive is fsync'd by finish()) before forgetting them.
+    if (!archive) {
+      await flushFileSystem(outDir).catch((err: unknown) => {
+        throw new HallmarkError('STAMP_WRITE_FAILED', `the stamp files in ${outDir} could not be flushed to disk (${(err as Error).message}); their secrets are kept: run the same command again`, { cause: err });
+      });
+    }
     await authority.store.writeTransaction(async (trx) => {
-      if (archive) await rawSql(trx, authority.store.dialect, 'update stamps set pending = null, written_at = ? where run_id = ? and written_at is null', [nowIso(), run.id]);
-      else await markStampsWritten(trx, authority.store.dialect, written, nowIso());
-      await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: nowIso() }).where('id', '=', run.id).execute();
+      const now = nowIso();
+      if (!archive) await markStampsWritten(trx, authority.store.dialect, written, now);
+      await forgetStampSecrets(trx, authority.store.dialect, run.id, now);
+      await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: now }).where('id', '=', run.id).execute();
       await appendAudit(trx, [{ actor: options.actor, action: 'stamp.complete', target: run.id, details: { batch: ctx.batchId, stamps: run.requested, generatedNow: generated, rewritten, archive: archivePath ?? null } }]);
     });
     return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten, generated, outDir, summaryCsv, ...(archivePath ? { archive: archivePath } : {}), seconds: (performance.now() - started) / 1000 };
   } catch (err) {
     await archive?.abort().catch(() => {});
     throw err;
+  } finally {
+    await fileWriter?.close();
   }
 }
 

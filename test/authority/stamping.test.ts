@@ -4,13 +4,13 @@
 
 import assert from 'node:assert/strict';
 import { createPrivateKey, createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { verifyAuditLog } from '../../src/audit/audit-log.js';
 import { Authority } from '../../src/authority/authority.js';
 import { initAuthority } from '../../src/authority/init.js';
-import { generateStamps, markFlashed, stampStatus } from '../../src/authority/stamping.js';
+import { generateStamps, markFlashed, stampSerialNumber, stampStatus } from '../../src/authority/stamping.js';
 import { openArchive } from '../../src/factory/archive.js';
 import { formatByName } from '../../src/factory/formats/index.js';
 import { base32Decode } from '../../src/factory/stamp.js';
@@ -114,14 +114,14 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
     });
 
     await t.test('an interrupted run resumes: the committed stamps are rewritten from the stored secrets, the rest made', async () => {
-      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 200, actor: 'test' });
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 400, actor: 'test' });
       const out = join(target.dir, 'stamps-5');
-      const options = { batch, count: 100, outDir: out, formats: ['json', 'tlv'] as ('json' | 'tlv')[], actor: 'test', chunkSize: 40 };
+      const options = { batch, count: 200, outDir: out, formats: ['json', 'tlv'] as ('json' | 'tlv')[], actor: 'test', chunkSize: 40 };
       // The process "dies" right after the first chunk is committed and its files written, before they are marked written.
       await assert.rejects(generateStamps(authority, { ...options, onProgress: (p) => { if (p.done >= 40) throw new Error('killed'); } }), /killed/);
       const pending = await db.selectFrom('stamps').select(['udid', 'pending']).where('batch_id', '=', batch).execute();
-      // The first chunk's files are written; the next chunk may be committed too (the stages overlap).
-      assert.ok(pending.length >= 40 && pending.length < 100, `${pending.length} stamps recorded`);
+      // The first chunk's files are written; the next chunks may be committed too (up to three are in flight).
+      assert.ok(pending.length >= 40 && pending.length < 200, `${pending.length} stamps recorded`);
       assert.ok(pending.every((p) => p.pending !== null), 'recorded, secrets kept (encrypted) until the files are known to be written');
       assert.ok(!pending.some((p) => Buffer.from(p.pending!).includes(Buffer.from('PRIVATE KEY'))));
       const first = formatByName('json').decode(readFileSync(join(out, readdirSync(out).find((f) => f.endsWith('.json'))!)));
@@ -131,14 +131,38 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       const report = await generateStamps(authority, options);
       assert.equal(report.resumed, true);
       assert.equal(report.rewritten, pending.length);
-      assert.equal(report.generated, 100 - pending.length);
+      assert.equal(report.generated, 200 - pending.length);
       const again = formatByName('json').decode(readFileSync(join(out, `${first.serialNumber}.json`)));
       assert.deepEqual(again, first, 'the rewritten stamp is the same stamp (same key, certificate, secrets)');
       const stamps = await db.selectFrom('stamps').select(['pending', 'written_at']).where('batch_id', '=', batch).execute();
-      assert.equal(stamps.length, 100);
+      assert.equal(stamps.length, 200);
       assert.ok(stamps.every((s) => s.pending === null && s.written_at));
-      assert.equal(readdirSync(out).filter((f) => f.endsWith('.bin')).length, 100);
-      assert.equal((await registry.batch(batch)).issued, 100);
+      assert.equal(readdirSync(out).filter((f) => f.endsWith('.bin')).length, 200);
+      assert.equal((await registry.batch(batch)).issued, 200);
+    });
+
+    await t.test('a stamp file that cannot be written stops the run with its name; the same command finishes once fixed', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const out = join(target.dir, 'stamps-blocked');
+      // A directory where stamp 30's file goes: the write fails with EISDIR.
+      const blocked = join(out, `${stampSerialNumber(batch, 30)}.json`);
+      mkdirSync(blocked, { recursive: true });
+      const options = { batch, count: 64, outDir: out, formats: ['json'] as 'json'[], actor: 'test', chunkSize: 16 };
+      await assert.rejects(generateStamps(authority, options), (err: Error) => hasCode('STAMP_WRITE_FAILED')(err) && err.message.includes(`${stampSerialNumber(batch, 30)}.json`));
+      const kept = await db.selectFrom('stamps').select(['udid', 'pending']).where('batch_id', '=', batch).execute();
+      assert.ok(kept.length >= 32, `${kept.length} stamps recorded`);
+      assert.ok(kept.every((k) => k.pending !== null), 'every recorded stamp keeps its secrets: none is known to be on disk yet');
+      rmSync(blocked, { recursive: true });
+      const report = await generateStamps(authority, options);
+      assert.equal(report.resumed, true);
+      assert.equal(report.rewritten + report.generated, 64);
+      const stamps = await db.selectFrom('stamps').select(['pending', 'written_at']).where('batch_id', '=', batch).execute();
+      assert.equal(stamps.length, 64);
+      assert.ok(stamps.every((s) => s.pending === null && s.written_at));
+      assert.equal(readdirSync(out).filter((f) => f.endsWith('.json')).length, 64);
+      const json = formatByName('json').decode(readFileSync(join(out, `${stampSerialNumber(batch, 30)}.json`)));
+      assert.equal(json.serialNumber, stampSerialNumber(batch, 30));
+      assert.equal((await registry.batch(batch)).issued, 64);
     });
 
     await t.test('--encrypt-to: one archive for the factory, signed by the issuing CA; no private key in clear on disk', async () => {

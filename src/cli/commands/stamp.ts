@@ -77,7 +77,8 @@ Formats (one file per device and format; docs/stamp-formats.md):
 opens it with hallmark stamp open.
 
 Interrupted (Ctrl-C, kill -9, power)? Run the same command again: it finishes the run, rewriting the
-stamps that were recorded but not yet written. Progress goes to stderr.`,
+stamps whose files were not yet known to be on disk (their secrets stay encrypted in the store until
+the run's files are flushed to disk at its end). Progress goes to stderr.`,
   options: { batch: { type: 'string' }, count: { type: 'string' }, out: { type: 'string' }, format: { type: 'string' }, 'encrypt-to': { type: 'string' }, json: { type: 'boolean' }, 'passphrase-file': { type: 'string' } },
   async run(args) {
     const batch = required(args, 'batch', this.usage);
