@@ -32,7 +32,9 @@ import { sha256Fingerprint } from '../pki/certificate.js';
 import { nameToString } from '../pki/names.js';
 import { p256KeyPair, x25519KeyPair } from '../pki/raw-keys.js';
 import { DEFAULT_TENANT, udidOfKey } from '../registry/registry.js';
+import type { Kysely } from 'kysely';
 import { nowIso } from '../store/database.js';
+import type { Database } from '../store/schema.js';
 import { rawSql } from '../store/raw-sql.js';
 import type { Authority } from './authority.js';
 import { signCertificate, type SigningCa } from './certificate-signer.js';
@@ -278,7 +280,8 @@ async function* pendingStamps(authority: Authority, runId: string, ctx: StampCon
       .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
       .innerJoin('devices as d', 'd.udid', 's.udid')
       .select(['s.udid', 's.seq', 's.pending', 'c.der', 'd.serial_number', 'd.public_key_spki'])
-      .where('s.run_id', '=', runId).where('s.pending', 'is not', null).where('s.seq', '>', after).orderBy('s.seq').limit(256).execute();
+      // By (batch_id, seq), the unique index: run_id's index would sort the whole run for every page.
+      .where('s.batch_id', '=', ctx.batchId).where('s.seq', '>', after).where('s.run_id', '=', runId).where('s.pending', 'is not', null).orderBy('s.seq').limit(256).execute();
     if (rows.length === 0) return;
     const out: Stamp[] = [];
     for (const r of rows) {
@@ -301,8 +304,19 @@ function onboardingPublicKey(pkcs8: Buffer): Buffer {
   return createPublicKey(createPrivateKey({ key: pkcs8, format: 'der', type: 'pkcs8' })).export({ type: 'spki', format: 'der' });
 }
 
+/** One page of a run's summary rows, in seq order after `after`. */
+export function summaryPage(db: Kysely<Database>, batchId: string, runId: string, after: number, limit: number) {
+  return db.selectFrom('stamps as s')
+    .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
+    .innerJoin('devices as d', 'd.udid', 's.udid')
+    .select(['s.seq', 's.udid', 'd.serial_number', 'c.fingerprint_sha256'])
+    // Pages by (batch_id, seq), the unique index: by run_id alone SQLite sorted the whole run for every
+    // page (O(N²): 12.5 s of a 100,000-stamp run; 0.64 s this way).
+    .where('s.batch_id', '=', batchId).where('s.seq', '>', after).where('s.run_id', '=', runId).orderBy('s.seq').limit(limit);
+}
+
 /** Writes the summary CSV; returns its bytes too when `keep` (for the archive: ~150 bytes a device). */
-async function writeSummary(authority: Authority, runId: string, path: string, keep: boolean): Promise<Buffer | undefined> {
+async function writeSummary(authority: Authority, batchId: string, runId: string, path: string, keep: boolean): Promise<Buffer | undefined> {
   // Written from the store (not as files are written), so a resumed run's summary has each stamp once.
   const lines: string[] = [batchSummaryCsvHeader()];
   const file = await open(`${path}.partial`, 'w', 0o644);
@@ -310,11 +324,7 @@ async function writeSummary(authority: Authority, runId: string, path: string, k
   try {
     let after = 0;
     for (;;) {
-      const rows = await authority.store.db.selectFrom('stamps as s')
-        .innerJoin('certificates as c', (j) => j.onRef('c.device_udid', '=', 's.udid').onRef('c.serial', '=', 's.certificate_serial'))
-        .innerJoin('devices as d', 'd.udid', 's.udid')
-        .select(['s.seq', 's.udid', 'd.serial_number', 'c.fingerprint_sha256'])
-        .where('s.run_id', '=', runId).where('s.seq', '>', after).orderBy('s.seq').limit(2000).execute();
+      const rows = await summaryPage(authority.store.db, batchId, runId, after, 2000).execute();
       if (rows.length === 0) break;
       for (const r of rows) lines.push(batchSummaryCsvLine({ serialNumber: r.serial_number!, udid: r.udid }, r.fingerprint_sha256));
       after = Number(rows.at(-1)!.seq);
@@ -446,7 +456,7 @@ export async function generateStamps(authority: Authority, options: StampGenerat
 
     // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
     const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
-    const summary = await writeSummary(authority, run.id, summaryCsv, !!archive);
+    const summary = await writeSummary(authority, ctx.batchId, run.id, summaryCsv, !!archive);
     if (archive) {
       await archive.add(`stamps-${run.id}.csv`, summary!);
       await archive.finish();
