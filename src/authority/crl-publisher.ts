@@ -341,7 +341,7 @@ export class CrlPublisher {
 
   /** The certificates of CA `caId` on hold: valid, unexpired, of a suspended device (suspended at `at`). */
   async #heldRows(caId: number): Promise<HeldRow[]> {
-    // devices_state (state, udid) finds the suspended devices, certificates_device their certificates.
+    // devices_state (state) finds the suspended devices, certificates_device their certificates.
     const rows = await this.#source.store.db.selectFrom('devices').innerJoin('certificates', 'certificates.device_udid', 'devices.udid')
       .select(['certificates.serial as serial', 'devices.updated_at as at'])
       .where('devices.state', '=', 'suspended').where('certificates.issuer_id', '=', caId)
