@@ -462,12 +462,11 @@ export async function generateStamps(authority: Authority, options: StampGenerat
       await archive.finish();
     }
     // The secrets kept in the store are the only copy of the device keys until the files are on disk:
-    // flush the file system (the archive is fsync'd by finish()) before forgetting them.
-    if (!archive) {
-      await flushFileSystem(outDir).catch((err: unknown) => {
-        throw new HallmarkError('STAMP_WRITE_FAILED', `the stamp files in ${outDir} could not be flushed to disk (${(err as Error).message}); their secrets are kept: run the same command again`, { cause: err });
-      });
-    }
+    // flush the file system before forgetting them (the archive is fsync'd by finish(), but its rename
+    // into place is only durable once the directory is).
+    await flushFileSystem(outDir).catch((err: unknown) => {
+      throw new HallmarkError('STAMP_WRITE_FAILED', `the stamp files in ${outDir} could not be flushed to disk (${(err as Error).message}); their secrets are kept: run the same command again`, { cause: err });
+    });
     await authority.store.writeTransaction(async (trx) => {
       const now = nowIso();
       if (!archive) await markStampsWritten(trx, authority.store.dialect, written, now);
