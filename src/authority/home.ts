@@ -27,7 +27,7 @@ export interface HomeConfig {
   readonly development: boolean;
   readonly keyBackend: { readonly kind: 'file' } | ({ readonly kind: 'pkcs11' } & Pkcs11Settings);
   defaultIssuer: string;
-  readonly tls: { readonly keyRef: KeyRef; readonly dnsNames: readonly string[]; readonly ipAddresses: readonly string[] };
+  tls: { readonly keyRef: KeyRef; readonly dnsNames: readonly string[]; readonly ipAddresses: readonly string[] };
   ocspSigners: Record<string, { readonly keyRef: KeyRef; readonly serial: string }>;
   /**
    * Where relying parties reach the public listener (http://pki.example.com:8080). When set, issued device

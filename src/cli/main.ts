@@ -29,6 +29,7 @@ import { stationExportCommand, stationInitCommand, stationSignCommand, stationSt
 import { stationCreateCommand, stationImportCommand, stationInstallCommand, stationListCommand } from './commands/station-online.js';
 import { stampFlashedCommand, stampGenerateCommand, stampStatusCommand } from './commands/stamp.js';
 import { stampFactoryKeyCommand, stampInspectCommand, stampOpenCommand } from './commands/stamp-files.js';
+import { tlsRenewCommand, tlsStatusCommand } from './commands/tls.js';
 
 const COMMANDS: readonly Command[] = [
   initCommand, caListCommand, caExportCommand, caRequestCommand, caInstallCommand, rootSignCommand,
@@ -49,6 +50,7 @@ const COMMANDS: readonly Command[] = [
   stationInitCommand, stationSignCommand, stationExportCommand, stationStatusCommand,
   stampGenerateCommand, stampStatusCommand, stampFlashedCommand,
   stampInspectCommand, stampFactoryKeyCommand, stampOpenCommand,
+  tlsStatusCommand, tlsRenewCommand,
 ];
 
 function overview(): string {

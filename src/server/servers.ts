@@ -5,13 +5,13 @@
 //   HTTP   — public data only (CA certificates; later CRLs and OCSP), health.
 // Routes parse and render; the Authority decides and signs.
 
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
+import type { SecureContextOptions, Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Authority } from '../authority/authority.js';
-import { HOME_FILES } from '../authority/home.js';
+import { loadHomeConfig } from '../authority/home.js';
+import { needsTlsRenewal, renewServerTls, serverTls, type ServerTls } from '../authority/server-tls.js';
 import { encodePem } from '../pki/pem.js';
 import { installErrorHandling } from './errors.js';
 import { registerAdminApi } from './admin-api.js';
@@ -35,6 +35,8 @@ export interface ServerOptions {
   readonly revocationPollMs?: number;
   /** The webhook dispatcher's intervals, backoff and timeout (tests shorten them); enabled: false turns it off. */
   readonly webhooks?: WebhookDispatcherOptions;
+  /** How often the HTTPS certificate is checked (renewed within 30 days of expiry, or reloaded after `hallmark tls renew`). Default 1 h. */
+  readonly tlsCheckMs?: number;
 }
 
 export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute'>;
@@ -47,6 +49,8 @@ export interface RunningServers {
   readonly http: FastifyInstance;
   readonly httpsUrl: string;
   readonly httpUrl: string;
+  /** The HTTPS certificate's keeper (check() runs a check now). */
+  readonly tls: { check(now?: Date): Promise<void> };
   close(): Promise<void>;
 }
 
@@ -62,17 +66,12 @@ function accessLog(request: FastifyRequest, reply: FastifyReply, done: () => voi
 }
 
 export async function buildHttpsApp(authority: Authority, logger: Logger, options: HttpsAppOptions = {}): Promise<FastifyInstance> {
-  const key = await authority.fileKeys.privateKeyObject(authority.config.tls.keyRef);
-  const chain = readFileSync(join(authority.home, HOME_FILES.tlsChain), 'utf8');
+  const tls = await serverTls(authority);
   const trust = (await authority.caChain(await authority.rootName(), false)).map((d) => encodePem('CERTIFICATE', d)).join('');
   const app = Fastify({
     https: {
       // The key stays in memory; it is decrypted from the key store at start-up.
-      key: key.export({ format: 'pem', type: 'pkcs8' }) as string,
-      cert: chain,
-      ca: trust,
-      minVersion: 'TLSv1.2',
-      maxVersion: 'TLSv1.3',
+      ...secureContextOptions(tls, trust),
       requestCert: true,
       rejectUnauthorized: false,
       // Slow clients: a request must arrive whole within requestTimeout; Node checks open requests every
@@ -111,7 +110,54 @@ export async function buildHttpApp(authority: Authority, logger: Logger): Promis
   return app;
 }
 
+function secureContextOptions(tls: ServerTls, trust: string): SecureContextOptions {
+  return { key: tls.keyPem, cert: tls.chainPem, ca: trust, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.3' };
+}
+
+/**
+ * Keeps the HTTPS listener's certificate current: every `everyMs`, picks up a certificate renewed by
+ * another process (`hallmark tls renew`), and renews it here when fewer than TLS_RENEW_WITHIN_DAYS are
+ * left. The listener's TLS context is replaced in place; connections already open keep theirs.
+ */
+export function keepServerTls(authority: Authority, https: FastifyInstance, logger: Logger, everyMs: number, loadedSerial: string): { check(now?: Date): Promise<void>; stop(): void } {
+  let serial = loadedSerial;
+  let running: Promise<void> | undefined;
+  const check = (now = new Date()): Promise<void> => (running ??= (async () => {
+    try {
+      // Another process may have renewed: its key reference is in the configuration on disk.
+      authority.config.tls = (await loadHomeConfig(authority.home)).tls;
+      let tls = await serverTls(authority).catch(async (err: unknown) => {
+        logger.error({ err }, 'the TLS certificate and key do not match: renewing');
+        return renewServerTls(authority, { actor: 'server' });
+      });
+      if (needsTlsRenewal(tls.notAfter, now)) {
+        tls = await renewServerTls(authority, { actor: 'server' });
+        logger.info({ serial: tls.serial, notAfter: tls.notAfter.toISOString() }, 'TLS certificate renewed');
+      }
+      if (tls.serial !== serial) {
+        const trust = (await authority.caChain(await authority.rootName(), false)).map((d) => encodePem('CERTIFICATE', d)).join('');
+        (https.server as unknown as TlsServer).setSecureContext(secureContextOptions(tls, trust));
+        serial = tls.serial;
+        logger.info({ serial, notAfter: tls.notAfter.toISOString() }, 'TLS certificate loaded');
+      }
+    } catch (err) {
+      logger.error({ err }, 'TLS certificate check failed');
+    } finally {
+      running = undefined;
+    }
+  })());
+  const timer = setInterval(() => { void check(); }, everyMs);
+  timer.unref();
+  return { check, stop: () => clearInterval(timer) };
+}
+
 export async function startServers(authority: Authority, options: ServerOptions): Promise<RunningServers> {
+  // A certificate that expired (or nearly) while the server was down is renewed before listening.
+  const current = await serverTls(authority).catch(() => undefined);
+  if (!current || needsTlsRenewal(current.notAfter)) {
+    const renewed = await renewServerTls(authority, { actor: 'server' });
+    options.logger.info({ serial: renewed.serial, notAfter: renewed.notAfter.toISOString() }, 'TLS certificate renewed');
+  }
   const https = await buildHttpsApp(authority, options.logger, options);
   const http = await buildHttpApp(authority, options.logger);
   await https.listen({ host: options.host, port: options.httpsPort });
@@ -127,6 +173,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
   authority.store.writeInBackground();
   // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
   const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
+  const tlsKeeper = keepServerTls(authority, https, options.logger, options.tlsCheckMs ?? 3_600_000, (await serverTls(authority)).serial);
   const webhooks = startWebhookDispatcher(authority.store, { logger: options.logger, ...options.webhooks });
   const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host;
   return {
@@ -134,8 +181,10 @@ export async function startServers(authority: Authority, options: ServerOptions)
     http,
     httpsUrl: `https://${hostForUrl}:${(https.server.address() as AddressInfo).port}`,
     httpUrl: `http://${hostForUrl}:${(http.server.address() as AddressInfo).port}`,
+    tls: tlsKeeper,
     async close() {
       stopWatching();
+      tlsKeeper.stop();
       await Promise.all([https.close(), http.close(), webhooks.stop()]);
     },
   };

@@ -1,0 +1,108 @@
+// The authority's own HTTPS certificate is renewed without downtime: `hallmark tls renew` in another
+// process, picked up by the running server; `serve` renewing by itself near expiry; an interrupted
+// renewal (chain and key out of step) reported by `tls status` and repaired by the server. Checked
+// with openssl (the chain verifies against the root, the names are in the SAN) and with what a TLS
+// client is actually served.
+
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { connect } from 'node:tls';
+import { after, before, describe, test } from 'node:test';
+import { promisify } from 'node:util';
+import { Authority } from '../../src/authority/authority.js';
+import { serverTls } from '../../src/authority/server-tls.js';
+import { createLogger } from '../../src/log.js';
+import { startServers, type RunningServers } from '../../src/server/servers.js';
+import { createTestAuthority, type TestAuthority } from '../helpers/authority.js';
+
+const run = promisify(execFile);
+const BIN = join(import.meta.dirname, '..', '..', '..', 'bin', 'hallmark.js');
+
+/** The certificate the server presents to a new TLS connection (serial, lower-case hex). */
+function servedSerial(port: number, ca: string): Promise<{ serial: string; san: string }> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: '127.0.0.1', port, ca, servername: 'localhost' }, () => {
+      const peer = socket.getPeerCertificate();
+      socket.end();
+      resolve({ serial: peer.serialNumber.toLowerCase(), san: peer.subjectaltname ?? '' });
+    });
+    socket.on('error', reject);
+  });
+}
+
+describe('HTTPS certificate renewal', () => {
+  let t: TestAuthority;
+  let authority: Authority;
+  let servers: RunningServers;
+  let port: number;
+  let root: string;
+  const cli = (...args: string[]) => run(process.execPath, [BIN, ...args], { env: { ...process.env, HALLMARK_HOME: t.home, HALLMARK_PASSPHRASE: t.passphrase } });
+
+  before(async () => {
+    t = await createTestAuthority();
+    authority = await Authority.open(t.home, t.passphrase);
+    const sink = { write: () => true } as unknown as NodeJS.WritableStream;
+    servers = await startServers(authority, { host: '127.0.0.1', httpsPort: 0, httpPort: 0, logger: createLogger(sink), tlsCheckMs: 3_600_000 });
+    port = Number(new URL(servers.httpsUrl).port);
+    root = readFileSync(t.rootPem, 'utf8');
+  });
+
+  after(async () => {
+    await servers?.close();
+    await authority?.close();
+    await t?.cleanup();
+  });
+
+  test('hallmark tls renew in another process: new key and names; the running server serves it after its check', async () => {
+    const before = await servedSerial(port, root);
+    const status = JSON.parse((await cli('tls', 'status', '--json')).stdout) as { serial: string; daysLeft: number };
+    assert.equal(status.serial, before.serial);
+    assert.ok(status.daysLeft > 390, `${status.daysLeft} days left`);
+
+    const renewed = JSON.parse((await cli('tls', 'renew', '--dns', 'localhost', '--dns', 'est.factory.example', '--ip', '127.0.0.1', '--json')).stdout) as { serial: string; dnsNames: string[] };
+    assert.notEqual(renewed.serial, before.serial);
+    assert.deepEqual(renewed.dnsNames, ['localhost', 'est.factory.example']);
+    // openssl: the new chain verifies against the root, for serverAuth, and names the new host.
+    const chainFile = join(t.home, 'tls', 'server.pem');
+    const v = await run('openssl', ['verify', '-CAfile', t.rootPem, '-untrusted', chainFile, '-purpose', 'sslserver', chainFile]);
+    assert.match(v.stdout, /OK/);
+    const text = (await run('openssl', ['x509', '-in', chainFile, '-noout', '-ext', 'subjectAltName'])).stdout;
+    assert.match(text, /DNS:est\.factory\.example/);
+
+    // Until its check runs, the server keeps the old certificate; then new connections get the new one.
+    assert.equal((await servedSerial(port, root)).serial, before.serial);
+    await servers.tls.check();
+    const after = await servedSerial(port, root);
+    assert.equal(after.serial, renewed.serial);
+    assert.match(after.san, /DNS:est\.factory\.example/);
+    // One JSON entry per line.
+    const entries = (await cli('audit', 'list', '--action', 'tls.renew', '--json')).stdout.trim().split('\n').map((l) => JSON.parse(l) as { action: string; target: string });
+    assert.ok(entries.some((e) => e.action === 'tls.renew' && e.target === renewed.serial), 'the renewal is audited');
+  });
+
+  test('serve renews by itself when fewer than 30 days are left', async () => {
+    const current = await serverTls(authority);
+    await servers.tls.check(new Date(current.notAfter.getTime() - 40 * 86_400_000));
+    assert.equal((await servedSerial(port, root)).serial, current.serial, '40 days left: kept');
+    await servers.tls.check(new Date(current.notAfter.getTime() - 10 * 86_400_000));
+    const renewed = await serverTls(authority);
+    assert.notEqual(renewed.serial, current.serial);
+    assert.equal((await servedSerial(port, root)).serial, renewed.serial);
+    assert.deepEqual(renewed.dnsNames, current.dnsNames, 'the names are kept');
+  });
+
+  test('an interrupted renewal (chain and key out of step) is reported, and the server repairs it', async () => {
+    const good = readFileSync(join(t.home, 'tls', 'server.pem'), 'utf8');
+    await cli('tls', 'renew');
+    const chainFile = join(t.home, 'tls', 'server.pem');
+    // As if the process died after writing the configuration but the chain file were the previous one.
+    writeFileSync(chainFile, good);
+    await assert.rejects(cli('tls', 'status'), (err: { stderr: string }) => /not for the configured TLS key.*hallmark tls renew/.test(err.stderr) && /CA_CERT_MISMATCH/.test(err.stderr));
+    await servers.tls.check();
+    const repaired = await serverTls(authority);
+    assert.equal((await servedSerial(port, root)).serial, repaired.serial);
+    assert.match((await cli('tls', 'status')).stdout, /days left/);
+  });
+});
