@@ -21,7 +21,7 @@
 // decommissioned (mosquitto-admin.ts). keepMosquittoInStep does that whenever the registry or the
 // revocation state changes (a tail of the audit log plus the authority's 'revoked' events).
 
-import { generateKeyPair, sign as cryptoSign, type KeyObject } from 'node:crypto';
+import { X509Certificate, generateKeyPair, sign as cryptoSign, type KeyObject } from 'node:crypto';
 import { existsSync, readdirSync } from 'node:fs';
 import { chmod, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { userInfo } from 'node:os';
@@ -31,7 +31,7 @@ import { CrlPublisher, type CrlRecord } from '../authority/crl-publisher.js';
 import { HallmarkError } from '../errors.js';
 import type { Signer } from '../keys/key-backend.js';
 import { freePort } from '../net.js';
-import { encodePem } from '../pki/pem.js';
+import { decodePemBlocks, encodePem } from '../pki/pem.js';
 import { caCertificates } from '../protocols/est/routes.js';
 import { crlPublisherOf } from '../protocols/crl/routes.js';
 import type { Store } from '../store/database.js';
@@ -364,6 +364,8 @@ export interface SyncOptions {
    * has no admin listener. Default: one opened for this call from DIR/broker-admin.json.
    */
   readonly admin?: () => Promise<MosquittoAdmin | undefined>;
+  /** Renew the broker's own certificate when fewer than BROKER_CERT_RENEW_WITHIN_DAYS are left (`now`: for tests). */
+  readonly certificate?: boolean | { readonly now: Date };
 }
 
 export interface SyncResult {
@@ -383,6 +385,37 @@ export interface SyncResult {
   readonly reloadMs?: number;
   /** Why the end of the reload could not be seen (no admin listener, or it did not answer). */
   readonly reloadUnconfirmed?: string;
+  /** When the broker's certificate was renewed: the new one. */
+  readonly certificateRenewed?: { readonly serial: string; readonly notAfter: string };
+}
+
+/** The broker's own certificate (tls-server, 397 days) is renewed when fewer days than this are left. */
+export const BROKER_CERT_RENEW_WITHIN_DAYS = 30;
+
+/**
+ * Renews DIR/server.pem and DIR/server.key (a new key; same subject and names; the default issuing CA)
+ * when the certificate there has fewer than BROKER_CERT_RENEW_WITHIN_DAYS left. Mosquitto 2.0 reloads its
+ * certificate and key on SIGHUP (new connections get the new one; open sessions stay up).
+ */
+async function renewBrokerCertificateIfDue(authority: Authority, dir: string, now: Date): Promise<IssuedCertificate | undefined> {
+  const files = pathsIn(dir);
+  const first = decodePemBlocks(await readFile(files.cert, 'utf8'), 64 * 1024).find((b) => b.label === 'CERTIFICATE');
+  if (!first) throw new HallmarkError('BAD_PEM', `${files.cert} holds no certificate`);
+  const current = new X509Certificate(first.der);
+  if (new Date(current.validTo).getTime() - now.getTime() >= BROKER_CERT_RENEW_WITHIN_DAYS * 86_400_000) return undefined;
+  const san = current.subjectAltName ?? '';
+  const { publicKey, privateKey } = await ecKey();
+  const renewed = await authority.issueForOwnKey({
+    signer: memorySigner(privateKey, publicKey),
+    profile: 'tls-server',
+    subject: `CN=localhost,OU=MQTT broker,O=${authority.config.org}`,
+    altNames: { dns: [...san.matchAll(/DNS:([^,\s]+)/g)].map((m) => m[1]!), ip: [...san.matchAll(/IP Address:([^,\s]+)/g)].map((m) => m[1]!) },
+    actor: 'broker-sync',
+  });
+  // Key first: until the SIGHUP Mosquitto holds both in memory, and after it reads the pair written here.
+  await writeAtomic(files.key, privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, 0o600);
+  await writeAtomic(files.cert, encodePem('CERTIFICATE', renewed.der) + (renewed.chain[0] ? encodePem('CERTIFICATE', renewed.chain[0]) : ''));
+  return renewed;
 }
 
 /**
@@ -397,6 +430,13 @@ export async function syncMosquitto(authority: Authority, dir: string, options: 
   const abs = resolve(dir);
   const result: { -readonly [K in keyof SyncResult]: SyncResult[K] } = {};
   let changed = false;
+  if (options.certificate) {
+    const renewed = await renewBrokerCertificateIfDue(authority, abs, options.certificate === true ? new Date() : options.certificate.now);
+    if (renewed) {
+      result.certificateRenewed = { serial: renewed.serial, notAfter: renewed.notAfter.toISOString() };
+      changed = true;
+    }
+  }
   if (options.crl) {
     const crls = await brokerCrls(authority);
     await writeAtomic(join(abs, MOSQUITTO_FILES.crl), crls.pem);
@@ -472,7 +512,7 @@ export async function syncMosquitto(authority: Authority, dir: string, options: 
  * DIR/mosquitto.pid, sends it SIGHUP so it reloads them. Returns what it did.
  */
 export async function refreshMosquittoCrl(authority: Authority, dir: string): Promise<SyncResult & { cas: string[]; numbers: number[] }> {
-  const r = await syncMosquitto(authority, dir, { crl: true, acl: true });
+  const r = await syncMosquitto(authority, dir, { crl: true, acl: true, certificate: true });
   return { ...r, cas: r.cas ?? [], numbers: r.numbers ?? [] };
 }
 
@@ -510,7 +550,7 @@ export function keepMosquittoInStep(authority: Authority, dir: string, options: 
   const onError = options.onError ?? ((err: unknown) => process.stderr.write(`hallmark: broker refresh failed: ${(err as Error).message ?? String(err)}\n`));
   const store = authority.store;
   let lastSeq: number | undefined;
-  let pending = { crl: true, acl: true, kick: new Set<string>() };
+  let pending = { crl: true, acl: true, certificate: true, kick: new Set<string>() };
   let running: Promise<unknown> | undefined;
   let again = false;
   let stopped = false;
@@ -554,10 +594,10 @@ export function keepMosquittoInStep(authority: Authority, dir: string, options: 
     await readAudit();
     if (Date.now() < retryAt) return;
     const job = pending;
-    if (!job.crl && !job.acl && job.kick.size === 0) return;
-    pending = { crl: false, acl: false, kick: new Set() };
+    if (!job.crl && !job.acl && !job.certificate && job.kick.size === 0) return;
+    pending = { crl: false, acl: false, certificate: false, kick: new Set() };
     try {
-      const r = await syncMosquitto(authority, dir, { crl: job.crl, acl: job.acl, kick: job.kick, admin: adminConnection });
+      const r = await syncMosquitto(authority, dir, { crl: job.crl, acl: job.acl, certificate: job.certificate, kick: job.kick, admin: adminConnection });
       if (r.kickError) onError(new Error(`could not disconnect ${[...job.kick].join(', ')}: ${r.kickError}`));
       if (r.kick?.failed.length) onError(new Error(`could not disconnect ${r.kick.failed.map((f) => `${f.udid} (${f.error})`).join(', ')}`));
       if (r.acl?.warnings.length) for (const w of r.acl.warnings) onError(new Error(`broker ACL: ${w}`));
@@ -568,6 +608,7 @@ export function keepMosquittoInStep(authority: Authority, dir: string, options: 
       // Put the work back and try again in a few seconds (kicks are not repeated: the CRL and ACL still hold).
       pending.crl ||= job.crl;
       pending.acl ||= job.acl;
+      pending.certificate ||= job.certificate;
       retryAt = Date.now() + 5000;
       throw err;
     }
@@ -586,7 +627,7 @@ export function keepMosquittoInStep(authority: Authority, dir: string, options: 
   authority.events.on('revoked', onRevoked);
   const poll = setInterval(run, options.pollMs ?? 200);
   poll.unref();
-  const full = setInterval(() => { pending.crl = true; pending.acl = true; run(); }, options.everyMs ?? 3_600_000);
+  const full = setInterval(() => { pending.crl = true; pending.acl = true; pending.certificate = true; run(); }, options.everyMs ?? 3_600_000);
   full.unref();
   // At once: the files may have gone stale while nothing kept them. The audit tail starts from here.
   void headSeq(store).then((s) => { lastSeq ??= s; }, () => {}).finally(run);

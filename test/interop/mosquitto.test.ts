@@ -14,13 +14,13 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHash, generateKeyPairSync } from 'node:crypto';
+import { createHash, generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { Authority, type IssuedCertificate } from '../../src/authority/authority.js';
-import { keepMosquittoInStep, refreshMosquittoCrl, writeMosquittoConfig, type MosquittoConfig } from '../../src/broker/mosquitto.js';
+import { keepMosquittoInStep, refreshMosquittoCrl, syncMosquitto, writeMosquittoConfig, type MosquittoConfig } from '../../src/broker/mosquitto.js';
 import { createCsr } from '../../src/pki/csr.js';
 import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
@@ -216,6 +216,39 @@ describe('Mosquitto with Hallmark identities', { skip }, () => {
     assert.match(`${sc.stdout}${sc.stderr}`, /alert certificate revoked|alert number 44/i, `${refused.stderr}\n${sc.stderr}`);
     assert.equal((await pub(a, `devices/${a.udid}/telemetry`, 'still here')).code, 0, 'the other device keeps publishing');
     assert.equal(broker.exitCode, null, 'the broker kept running through the reload');
+  });
+
+  test("the broker's own certificate is renewed within 30 days of expiry; Mosquitto serves the new one after its SIGHUP; devices keep publishing", async () => {
+    const a = dev(0);
+    const DAY = 86_400_000;
+    const served = async (): Promise<X509Certificate> => {
+      const r = await run('openssl', ['s_client', '-connect', `127.0.0.1:${port}`, '-CAfile', config.files.ca, '-cert', a.certFile, '-key', a.keyFile], 10000);
+      const pem = /-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/.exec(r.stdout);
+      assert.ok(pem, `no server certificate in s_client's output:\n${r.stdout.slice(0, 400)}\n${r.stderr}`);
+      return new X509Certificate(pem[0]);
+    };
+    const before = await served();
+    const notAfter = new Date(before.validTo);
+    const kept = await syncMosquitto(authority, brokerDir, { certificate: { now: new Date(notAfter.getTime() - 40 * DAY) } });
+    assert.equal(kept.certificateRenewed, undefined, '40 days left: kept');
+    assert.equal(kept.signalled, undefined, 'nothing changed, no reload');
+
+    const renewed = await syncMosquitto(authority, brokerDir, { certificate: { now: new Date(notAfter.getTime() - 10 * DAY) } });
+    assert.ok(renewed.certificateRenewed, '10 days left: renewed');
+    assert.equal(renewed.signalled, broker.pid);
+    const v = spawnSync('openssl', ['verify', '-CAfile', config.files.ca, '-untrusted', config.files.cert, '-purpose', 'sslserver', config.files.cert], { encoding: 'utf8' });
+    assert.match(v.stdout, /OK/, v.stderr);
+    let now = await served();
+    const deadline = Date.now() + 5000;
+    while (now.serialNumber.toLowerCase() !== renewed.certificateRenewed.serial && Date.now() < deadline) {
+      await new Promise((res) => setTimeout(res, 100));
+      now = await served();
+    }
+    assert.equal(now.serialNumber.toLowerCase(), renewed.certificateRenewed.serial, `Mosquitto still serves the old certificate:\n${brokerLog}`);
+    assert.equal(now.subjectAltName, before.subjectAltName, 'same names');
+    assert.notEqual(now.publicKey.export({ type: 'spki', format: 'der' }).toString('hex'), before.publicKey.export({ type: 'spki', format: 'der' }).toString('hex'), 'a new key');
+    assert.equal((await pub(a, `devices/${a.udid}/telemetry`, 'after the renewal')).code, 0, 'devices keep publishing');
+    assert.equal(broker.exitCode, null);
   });
 
   test('keepMosquittoInStep refreshes the broker on a revocation event', async () => {
