@@ -34,6 +34,12 @@ export interface ServerTls {
   readonly issuer: string;
 }
 
+/** The DNS names and IP addresses in a certificate's subjectAltName. */
+export function subjectAltNames(cert: X509Certificate): { dns: string[]; ip: string[] } {
+  const san = cert.subjectAltName ?? '';
+  return { dns: [...san.matchAll(/DNS:([^,\s]+)/g)].map((m) => m[1]!), ip: [...san.matchAll(/IP Address:([^,\s]+)/g)].map((m) => m[1]!) };
+}
+
 /** Days left before `notAfter` (negative once expired). */
 export function daysLeft(notAfter: Date, now = new Date()): number {
   return (notAfter.getTime() - now.getTime()) / DAY_MS;
@@ -59,14 +65,14 @@ export async function serverTls(authority: Authority): Promise<ServerTls> {
   if (!leaf.checkPrivateKey(key)) {
     throw new HallmarkError('CA_CERT_MISMATCH', `the TLS certificate in ${path} is not for the configured TLS key (a renewal was interrupted?): run hallmark tls renew`);
   }
-  const san = leaf.subjectAltName ?? '';
+  const names = subjectAltNames(leaf);
   return {
     chainPem: text,
     keyPem: key.export({ format: 'pem', type: 'pkcs8' }) as string,
     serial: leaf.serialNumber.toLowerCase(),
     notAfter: new Date(leaf.validTo),
-    dnsNames: [...san.matchAll(/DNS:([^,\s]+)/g)].map((m) => m[1]!),
-    ipAddresses: [...san.matchAll(/IP Address:([^,\s]+)/g)].map((m) => m[1]!),
+    dnsNames: names.dns,
+    ipAddresses: names.ip,
     issuer: leaf.issuer.replace(/\n/g, ', '),
   };
 }

@@ -28,6 +28,7 @@ import { userInfo } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Authority, IssuedCertificate } from '../authority/authority.js';
 import { CrlPublisher, type CrlRecord } from '../authority/crl-publisher.js';
+import { subjectAltNames } from '../authority/server-tls.js';
 import { HallmarkError } from '../errors.js';
 import type { Signer } from '../keys/key-backend.js';
 import { freePort } from '../net.js';
@@ -403,13 +404,12 @@ async function renewBrokerCertificateIfDue(authority: Authority, dir: string, no
   if (!first) throw new HallmarkError('BAD_PEM', `${files.cert} holds no certificate`);
   const current = new X509Certificate(first.der);
   if (new Date(current.validTo).getTime() - now.getTime() >= BROKER_CERT_RENEW_WITHIN_DAYS * 86_400_000) return undefined;
-  const san = current.subjectAltName ?? '';
   const { publicKey, privateKey } = await ecKey();
   const renewed = await authority.issueForOwnKey({
     signer: memorySigner(privateKey, publicKey),
     profile: 'tls-server',
     subject: `CN=localhost,OU=MQTT broker,O=${authority.config.org}`,
-    altNames: { dns: [...san.matchAll(/DNS:([^,\s]+)/g)].map((m) => m[1]!), ip: [...san.matchAll(/IP Address:([^,\s]+)/g)].map((m) => m[1]!) },
+    altNames: subjectAltNames(current),
     actor: 'broker-sync',
   });
   // Key first: until the SIGHUP Mosquitto holds both in memory, and after it reads the pair written here.
