@@ -87,6 +87,18 @@ export interface RenewTlsOptions {
   readonly actor: string;
 }
 
+/**
+ * During a root rollover (more than one active root), the link certificates (NewWithOld, OldWithNew):
+ * sent after the chain, they let a device that still pins the old root verify a server certificate
+ * issued under the new one (and the reverse), as RFC 4210 §4.4 intends them to.
+ */
+export async function rolloverLinks(authority: Authority): Promise<Buffer[]> {
+  return (await authority.directory.rootCertificates()).filter((der) => {
+    const c = new X509Certificate(der);
+    return c.subject !== c.issuer;
+  });
+}
+
 /** Issues a new TLS server certificate with a new key and installs it in the home. */
 export async function renewServerTls(authority: Authority, options: RenewTlsOptions): Promise<ServerTls> {
   const dnsNames = [...new Set(options.dnsNames ?? authority.config.tls.dnsNames)];
@@ -99,7 +111,8 @@ export async function renewServerTls(authority: Authority, options: RenewTlsOpti
   });
   const path = join(authority.home, HOME_FILES.tlsChain);
   const tmp = `${path}.tmp-${process.pid}`;
-  await writeFile(tmp, [issued.der, ...issued.chain.slice(0, -1)].map((d) => encodePem('CERTIFICATE', d)).join(''), { mode: 0o644 });
+  const chain = [issued.der, ...issued.chain.slice(0, -1), ...(await rolloverLinks(authority))];
+  await writeFile(tmp, chain.map((d) => encodePem('CERTIFICATE', d)).join(''), { mode: 0o644 });
   await rename(tmp, path);
   authority.config.tls = { keyRef, dnsNames, ipAddresses };
   await saveHomeConfig(authority.home, authority.config);

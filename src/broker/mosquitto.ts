@@ -28,7 +28,7 @@ import { userInfo } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Authority, IssuedCertificate } from '../authority/authority.js';
 import { CrlPublisher, type CrlRecord } from '../authority/crl-publisher.js';
-import { subjectAltNames } from '../authority/server-tls.js';
+import { rolloverLinks, subjectAltNames } from '../authority/server-tls.js';
 import { HallmarkError } from '../errors.js';
 import type { Signer } from '../keys/key-backend.js';
 import { freePort } from '../net.js';
@@ -414,7 +414,9 @@ async function renewBrokerCertificateIfDue(authority: Authority, dir: string, no
   });
   // Key first: until the SIGHUP Mosquitto holds both in memory, and after it reads the pair written here.
   await writeAtomic(files.key, privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, 0o600);
-  await writeAtomic(files.cert, encodePem('CERTIFICATE', renewed.der) + (renewed.chain[0] ? encodePem('CERTIFICATE', renewed.chain[0]) : ''));
+  // The issuing CA, and during a root rollover the link certificates (devices pinning the old root).
+  const chain = [renewed.der, ...renewed.chain.slice(0, -1), ...(await rolloverLinks(authority))];
+  await writeAtomic(files.cert, chain.map((d) => encodePem('CERTIFICATE', d)).join(''));
   return renewed;
 }
 

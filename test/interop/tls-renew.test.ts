@@ -12,10 +12,13 @@ import { connect } from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { Authority } from '../../src/authority/authority.js';
-import { serverTls } from '../../src/authority/server-tls.js';
+import { renewServerTls, serverTls } from '../../src/authority/server-tls.js';
+import { OfflineRoot } from '../../src/authority/offline-root.js';
+import { installRootRollover } from '../../src/authority/root-rollover.js';
 import { createLogger } from '../../src/log.js';
 import { startServers, type RunningServers } from '../../src/server/servers.js';
 import { createTestAuthority, type TestAuthority } from '../helpers/authority.js';
+import { runWithInput } from '../helpers/http.js';
 
 const run = promisify(execFile);
 const BIN = join(import.meta.dirname, '..', '..', '..', 'bin', 'hallmark.js');
@@ -104,5 +107,45 @@ describe('HTTPS certificate renewal', () => {
     const repaired = await serverTls(authority);
     assert.equal((await servedSerial(port, root)).serial, repaired.serial);
     assert.match((await cli('tls', 'status')).stdout, /days left/);
+  });
+});
+
+describe('HTTPS certificate renewed during a root rollover', () => {
+  test('issued under the new root, it still verifies for a device that pins the old root (NewWithOld is sent), and for one that pins the new root', async () => {
+    const t = await createTestAuthority({ org: 'Acme' });
+    let authority: Authority | undefined;
+    let servers: RunningServers | undefined;
+    try {
+      const oldRootPem = readFileSync(t.rootPem, 'utf8');
+      const root = await OfflineRoot.open(t.rootDir, t.passphrase);
+      authority = await Authority.open(t.home, t.passphrase);
+      try {
+        await root.rollover();
+        await installRootRollover({ store: authority.store, home: t.home, from: t.rootDir, actor: 'test' });
+        const { csrPem } = await authority.requestCa({ name: 'issuing-2', actor: 'test' });
+        await authority.installCa({ certificate: (await root.signIntermediate({ csr: csrPem })).der, actor: 'test' });
+      } finally {
+        await root.close();
+      }
+      const newRootPem = readFileSync(join(t.rootDir, 'root.pem'), 'utf8');
+      assert.notEqual(newRootPem, oldRootPem);
+      const renewed = await renewServerTls(authority, { ca: 'issuing-2', actor: 'test' });
+      assert.match(renewed.issuer, /issuing-2/);
+      const sink = { write: () => true } as unknown as NodeJS.WritableStream;
+      servers = await startServers(authority, { host: '127.0.0.1', httpsPort: 0, httpPort: 0, logger: createLogger(sink) });
+      const port = Number(new URL(servers.httpsUrl).port);
+      // Node's TLS client with only the old root as anchor, then only the new one.
+      assert.equal((await servedSerial(port, oldRootPem)).serial, renewed.serial);
+      assert.equal((await servedSerial(port, newRootPem)).serial, renewed.serial);
+      // openssl with the old root only.
+      const oldRootFile = join(t.dir, 'old-root.pem');
+      writeFileSync(oldRootFile, oldRootPem);
+      const r = await runWithInput('openssl', ['s_client', '-connect', `127.0.0.1:${port}`, '-CAfile', oldRootFile, '-verify_return_error', '-servername', 'localhost'], 'Q\n');
+      assert.match(r.stdout, /Verify return code: 0 \(ok\)/, r.stdout.slice(-600));
+    } finally {
+      await servers?.close();
+      await authority?.close();
+      await t.cleanup();
+    }
   });
 });
