@@ -2,13 +2,16 @@
 // process, picked up by the running server; `serve` renewing by itself near expiry; an interrupted
 // renewal (chain and key out of step) reported by `tls status` and repaired by the server. Checked
 // with openssl (the chain verifies against the root, the names are in the SAN) and with what a TLS
-// client is actually served.
+// client is actually served. During a root rollover: a certificate issued under the new root verifies
+// for clients that pin the old root (the link certificates are served), and the device agent pinned to
+// the old root enrols and re-enrols on a line of the new hierarchy.
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect } from 'node:tls';
+import { generateKeyPairSync } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { Authority } from '../../src/authority/authority.js';
@@ -19,6 +22,9 @@ import { createLogger } from '../../src/log.js';
 import { startServers, type RunningServers } from '../../src/server/servers.js';
 import { createTestAuthority, type TestAuthority } from '../helpers/authority.js';
 import { runWithInput } from '../helpers/http.js';
+import { enrol, reenrol } from '../../src/agent/agent.js';
+import { openDeviceKey } from '../../src/agent/device-key.js';
+import { createClaim } from '../../src/enrollment/claims.js';
 
 const run = promisify(execFile);
 const BIN = join(import.meta.dirname, '..', '..', '..', 'bin', 'hallmark.js');
@@ -142,6 +148,28 @@ describe('HTTPS certificate renewed during a root rollover', () => {
       writeFileSync(oldRootFile, oldRootPem);
       const r = await runWithInput('openssl', ['s_client', '-connect', `127.0.0.1:${port}`, '-CAfile', oldRootFile, '-verify_return_error', '-servername', 'localhost'], 'Q\n');
       assert.match(r.stdout, /Verify return code: 0 \(ok\)/, r.stdout.slice(-600));
+
+      // The device agent pinned to the old root enrols on a line of the new hierarchy and renews.
+      await authority.registry.createProduct({ name: 'sensor', actor: 'test' });
+      await authority.registry.createLine({ name: 'line-2', ca: 'issuing-2', actor: 'test' });
+      const batch = await authority.registry.createBatch({ product: 'sensor', line: 'line-2', quota: 5, allowUnregistered: true, actor: 'test' });
+      const claim = await createClaim(authority.store, { batch, uses: 1, ttlMs: 3_600_000, actor: 'test' });
+      const keyFile = join(t.dir, 'device.key');
+      writeFileSync(keyFile, generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600 });
+      const key = await openDeviceKey(keyFile);
+      try {
+        const stateDir = join(t.dir, 'device-state');
+        const first = await enrol({ server: servers.httpsUrl, trust: oldRootPem, key, claim: claim.basic, stateDir });
+        assert.match(first.issuer, /issuing-2/);
+        // openssl, old root only: device certificate → issuing-2 → NewWithOld → old root, from what the agent stored.
+        const verified = await run('openssl', ['verify', '-CAfile', oldRootFile, '-untrusted', join(stateDir, 'chain.pem'), join(stateDir, 'cert.pem')]);
+        assert.match(verified.stdout, /OK/);
+        const second = await reenrol({ server: servers.httpsUrl, trust: oldRootPem, key, stateDir });
+        assert.notEqual(second.serial, first.serial);
+        assert.equal(second.authenticator, 'current-certificate');
+      } finally {
+        await key.close();
+      }
     } finally {
       await servers?.close();
       await authority?.close();
