@@ -37,7 +37,8 @@ const send = (m: unknown): Promise<void> => new Promise((resolve) => process.sen
 
 const logger = createLogger();
 const authority = await Authority.open(home, passphrase);
-const servers = await startServers(authority, { host: '127.0.0.1', httpsPort: 0, httpPort: 0, logger, estPerClientPerMinute: 0 });
+// One load generator is one client address: the per-client budgets (EST, OCSP on-demand signing) are off.
+const servers = await startServers(authority, { host: '127.0.0.1', httpsPort: 0, httpPort: 0, logger, estPerClientPerMinute: 0, ocspOnDemandPerMinute: 0 });
 const hello = await buildHttpApp(authority, logger);
 hello.get('/hello', async () => 'hello world');
 await hello.listen({ host: '127.0.0.1', port: 0 });

@@ -31,6 +31,8 @@ export interface ServerOptions {
   readonly requestTimeoutMs?: number;
   /** EST requests per minute per client address (0: no limit). */
   readonly estPerClientPerMinute?: number;
+  /** OCSP responses signed on demand (nonce, cache miss) per minute per client address (0: no limit). Default 6,000. */
+  readonly ocspOnDemandPerMinute?: number;
   /** How often revocations made by other processes are looked for (ms). Default 1000. */
   readonly revocationPollMs?: number;
   /** The webhook dispatcher's intervals, backoff and timeout (tests shorten them); enabled: false turns it off. */
@@ -39,7 +41,7 @@ export interface ServerOptions {
   readonly tlsCheckMs?: number;
 }
 
-export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute'>;
+export type HttpsAppOptions = Pick<ServerOptions, 'requestTimeoutMs' | 'estPerClientPerMinute' | 'ocspOnDemandPerMinute'>;
 
 /** Default time for a whole request to arrive. */
 export const REQUEST_TIMEOUT_MS = 30_000;
@@ -94,18 +96,20 @@ export async function buildHttpsApp(authority: Authority, logger: Logger, option
   await registerEstRoutes(app, authority, new EnrolmentService(authority), { perClientPerMinute: options.estPerClientPerMinute ?? DEFAULT_EST_PER_CLIENT_PER_MINUTE });
   await registerAdminApi(app, authority);
   registerPublicRoutes(app, authority);
-  await registerOcspRoutes(app, authority);
+  await registerOcspRoutes(app, authority, ocspOptions(options));
   registerCrlRoutes(app, authority);
   return app;
 }
 
-export async function buildHttpApp(authority: Authority, logger: Logger): Promise<FastifyInstance> {
+const ocspOptions = (options: Pick<ServerOptions, 'ocspOnDemandPerMinute'>) => (options.ocspOnDemandPerMinute === undefined ? {} : { onDemandPerMinute: options.ocspOnDemandPerMinute });
+
+export async function buildHttpApp(authority: Authority, logger: Logger, options: Pick<ServerOptions, 'ocspOnDemandPerMinute'> = {}): Promise<FastifyInstance> {
   // One access-log line per request (OCSP and CRL fetches are frequent), as on the HTTPS listener.
   const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, ajv: AJV_OPTIONS, disableRequestLogging: true }) as unknown as FastifyInstance;
   installErrorHandling(app);
   app.addHook('onResponse', accessLog);
   registerPublicRoutes(app, authority);
-  await registerOcspRoutes(app, authority);
+  await registerOcspRoutes(app, authority, ocspOptions(options));
   registerCrlRoutes(app, authority);
   return app;
 }
@@ -159,7 +163,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
     options.logger.info({ serial: renewed.serial, notAfter: renewed.notAfter.toISOString() }, 'TLS certificate renewed');
   }
   const https = await buildHttpsApp(authority, options.logger, options);
-  const http = await buildHttpApp(authority, options.logger);
+  const http = await buildHttpApp(authority, options.logger, options);
   await https.listen({ host: options.host, port: options.httpsPort });
   try {
     await http.listen({ host: options.host, port: options.httpPort });

@@ -20,6 +20,13 @@
 //     echoed (one signature each; its status read from the store). With nonces: 'ignore' the nonce is
 //     ignored and the cached response is served (RFC 5019 §2.2.1 allows this).
 //   - Requests with several CertIDs are signed on demand too (RFC 5019 clients send one).
+//   - Signing on demand is budgeted per client (onDemandPerMinute, default 6,000 a minute per address):
+//     every nonce request, several-CertID request or cache miss costs a signature, so a client could
+//     otherwise make the responder sign as fast as it can send (random serials, fresh nonces). Over its
+//     budget a client's nonce is ignored and the cached response served (as with nonces: 'ignore' — a
+//     cached answer is never stale about a revocation: revocations drop entries at once); what would need
+//     a new signature gets `tryLater` (RFC 6960 §4.2.1). Answers already cached cost nothing and are
+//     never refused.
 //   - A request whose CertIDs name no CA this responder serves gets `unauthorized`; CertIDs of other
 //     issuers beside one it serves get `unknown` (one delegated signer speaks only for its own CA).
 
@@ -27,6 +34,7 @@ import { createHash } from 'node:crypto';
 import type { Authority } from '../../authority/authority.js';
 import { ocspSignerFor, needsRenewal } from '../../authority/ocsp-signers.js';
 import { REVOCATION_REASONS, type RevokedEvent } from '../../authority/revocation.js';
+import { RateLimiter } from '../../enrollment/rate-limit.js';
 import { HallmarkError } from '../../errors.js';
 import { rawSql } from '../../store/raw-sql.js';
 import {
@@ -47,6 +55,8 @@ export interface OcspResponderOptions {
   readonly pollIntervalMs?: number;
   /** How often cached entries due for refresh are re-signed. Default 60 s; 0: only when asked for. */
   readonly refreshIntervalMs?: number;
+  /** Signatures made on demand for one client (nonce, several CertIDs, cache miss) per minute; 0: no limit. Default 6,000. */
+  readonly onDemandPerMinute?: number;
   /** Clock (tests). */
   readonly now?: () => Date;
   readonly log?: { warn(obj: object, msg: string): void; error(obj: object, msg: string): void };
@@ -76,6 +86,10 @@ export interface OcspStats {
   malformed: number;
   unauthorized: number;
   internalErrors: number;
+  /** Nonce requests over their client's budget, answered from the cache without the nonce. */
+  noncesIgnored: number;
+  /** Answers `tryLater`: their client was over its budget and the answer needed a new signature. */
+  tryLater: number;
 }
 
 interface CaEntry {
@@ -115,13 +129,16 @@ const REFRESH_BATCH = 500;
 const MALFORMED = encodeOcspStatusResponse('malformedRequest');
 const UNAUTHORIZED = encodeOcspStatusResponse('unauthorized');
 const INTERNAL_ERROR = encodeOcspStatusResponse('internalError');
+const TRY_LATER = encodeOcspStatusResponse('tryLater');
 
 /** Parsed nonce-free requests kept by their bytes (see respond()). */
 const PARSED_MEMO_ENTRIES = 20_000;
 
 export class OcspResponder {
   readonly authority: Authority;
-  readonly stats: OcspStats = { requests: 0, signatures: 0, cacheHits: 0, cacheMisses: 0, backgroundRefreshes: 0, invalidations: 0, malformed: 0, unauthorized: 0, internalErrors: 0 };
+  readonly stats: OcspStats = { requests: 0, signatures: 0, cacheHits: 0, cacheMisses: 0, backgroundRefreshes: 0, invalidations: 0, malformed: 0, unauthorized: 0, internalErrors: 0, noncesIgnored: 0, tryLater: 0 };
+  readonly onDemandPerMinute: number;
+  readonly #budgets = new RateLimiter();
   readonly validityMs: number;
   readonly refreshAfterMs: number;
   readonly maxEntries: number;
@@ -155,6 +172,7 @@ export class OcspResponder {
     if (!(this.validityMs >= 60_000) || !(this.refreshAfterMs > 0 && this.refreshAfterMs < this.validityMs)) throw new HallmarkError('BAD_REQUEST', 'OCSP validity must be at least a minute and refreshAfter shorter than it');
     this.maxEntries = Math.max(1, options.maxEntries ?? 50_000);
     this.nonces = options.nonces ?? 'honour';
+    this.onDemandPerMinute = Math.max(0, options.onDemandPerMinute ?? 6_000);
     this.#now = options.now ?? (() => new Date());
     this.#log = options.log;
     this.#lastPoll = this.#now();
@@ -194,7 +212,8 @@ export class OcspResponder {
   /** Answers one DER OCSPRequest. Never throws: failures are OCSP error statuses. */
   readonly #parsed = new Map<string, ParsedOcspRequest>();
 
-  async respond(requestDer: Buffer): Promise<OcspAnswer> {
+  /** `client` (the requester's address) has its own budget of on-demand signatures; undefined: no budget. */
+  async respond(requestDer: Buffer, client?: string): Promise<OcspAnswer> {
     this.stats.requests++;
     // Taken before anything is read from the store: a revocation after this point keeps this answer out of the cache.
     const epoch = this.#epoch;
@@ -216,7 +235,7 @@ export class OcspResponder {
       }
     }
     try {
-      return await this.#answer(request, epoch);
+      return await this.#answer(request, epoch, client);
     } catch (err) {
       this.stats.internalErrors++;
       this.#log?.error({ err }, 'OCSP response failed');
@@ -224,19 +243,42 @@ export class OcspResponder {
     }
   }
 
-  async #answer(request: ParsedOcspRequest, epoch: number): Promise<OcspAnswer> {
+  /** Takes one on-demand signature from `client`'s budget; false when it has none left. */
+  #mayCost(client: string | undefined): boolean {
+    if (client === undefined || this.onDemandPerMinute === 0) return true;
+    return this.#budgets.take(client, this.onDemandPerMinute, this.#now().getTime()) === 0;
+  }
+
+  #tryLater(): OcspAnswer {
+    this.stats.tryLater++;
+    return { der: TRY_LATER, status: 'tryLater', cacheable: false, fromCache: false };
+  }
+
+  async #answer(request: ParsedOcspRequest, epoch: number, client?: string): Promise<OcspAnswer> {
     const cas = await Promise.all(request.certIds.map((id) => this.#caFor(id)));
     const served = cas.find((c): c is CaEntry => !!c);
     if (!served) {
       this.stats.unauthorized++;
       return { der: UNAUTHORIZED, status: 'unauthorized', cacheable: false, fromCache: false };
     }
-    const nonce = this.nonces === 'honour' ? request.nonce : undefined;
+    let nonce = this.nonces === 'honour' ? request.nonce : undefined;
+    // Whether this request's on-demand signature is already taken from the client's budget.
+    let paid = false;
+    if (request.certIds.length === 1 && nonce) {
+      if (this.#mayCost(client)) paid = true;
+      else {
+        this.stats.noncesIgnored++;
+        nonce = undefined;
+      }
+    }
     if (request.certIds.length === 1 && !nonce) {
-      const { entry, fromCache } = await this.#cached(served, request.certIds[0]!, epoch);
+      const cached = await this.#cached(served, request.certIds[0]!, epoch, () => this.#mayCost(client));
+      if (!cached) return this.#tryLater();
+      const { entry, fromCache } = cached;
       return { der: entry.der, status: 'successful', cacheable: true, fromCache, producedAt: entry.producedAt, thisUpdate: entry.thisUpdate, nextUpdate: entry.nextUpdate, etag: entry.etag };
     }
     // On demand: a nonce, or several CertIDs.
+    if (!paid && !this.#mayCost(client)) return this.#tryLater();
     const now = this.#second();
     const statuses = await Promise.all(request.certIds.map((id, i) => (cas[i]?.id === served.id ? this.#statusOf(served, id) : Promise.resolve<CertStatusValue>({ kind: 'unknown' }))));
     const nextUpdate = new Date(now.getTime() + this.validityMs);
@@ -248,8 +290,8 @@ export class OcspResponder {
     return { der, status: 'successful', cacheable: false, fromCache: false, producedAt: now, thisUpdate: now, nextUpdate };
   }
 
-  /** The cached response for one CertID, signing it when missing or expired. */
-  async #cached(ca: CaEntry, certId: OcspCertId, epoch: number): Promise<{ entry: CachedResponse; fromCache: boolean }> {
+  /** The cached response for one CertID, signing it when missing or expired (undefined when `maySign` says no). */
+  async #cached(ca: CaEntry, certId: OcspCertId, epoch: number, maySign: () => boolean = () => true): Promise<{ entry: CachedResponse; fromCache: boolean } | undefined> {
     const key = `${ca.id}:${certId.serialHex ?? 'x' + certId.der.toString('hex')}`;
     const alg = certId.hashAlgorithmDer.toString('hex');
     const now = this.#now().getTime();
@@ -264,6 +306,9 @@ export class OcspResponder {
       if (now >= hit.thisUpdate.getTime() + this.refreshAfterMs && !hit.refreshing) this.#refreshInBackground(ca, key, alg, hit);
       return { entry: hit, fromCache: true };
     }
+    // A signature already under way for the same question is shared, whoever's budget it came from.
+    const flying = this.#inFlight.get(`${key}/${alg}`);
+    if (!(flying && flying.epoch === epoch) && !maySign()) return undefined;
     this.stats.cacheMisses++;
     return { entry: await this.#signCached(ca, key, alg, certId, epoch), fromCache: false };
   }

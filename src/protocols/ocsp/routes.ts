@@ -78,7 +78,7 @@ export async function registerOcspRoutes(app: FastifyInstance, authority: Author
       const type = (request.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase();
       if (type !== OCSP_REQUEST) throw new HallmarkError('UNSUPPORTED_MEDIA_TYPE', `an OCSP request is sent as Content-Type: ${OCSP_REQUEST} (got ${JSON.stringify(type.slice(0, 64) || 'none')})`);
       const body = request.body as Buffer | undefined;
-      return send(request, reply, await responder.respond(body ?? Buffer.alloc(0)), false);
+      return send(request, reply, await responder.respond(body ?? Buffer.alloc(0), request.ip), false);
     };
     scope.post('/ocsp', { schema: { hide: true } }, post);
     scope.post('/ocsp/', { schema: { hide: true } }, post);
@@ -93,7 +93,7 @@ export async function registerOcspRoutes(app: FastifyInstance, authority: Author
         responder.stats.malformed++;
         return send(request, reply, { der: MALFORMED, status: 'malformedRequest', cacheable: false, fromCache: false }, true);
       }
-      return send(request, reply, await responder.respond(der), true);
+      return send(request, reply, await responder.respond(der, request.ip), true);
     });
   });
 

@@ -236,6 +236,41 @@ describe('OCSP responder', () => {
     assert.equal((await r.statusOf('line-later', cert.serial)).kind, 'good');
   });
 
+  test('on-demand signing is budgeted per client: over it, nonces are ignored (cached answer), misses get tryLater; other clients and cached answers unaffected', async () => {
+    // Burst: a tenth of a minute's budget, at least 10 signatures.
+    const r = responder({ onDemandPerMinute: 10 });
+    const known = await issue();
+    const cached = await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')]), 'attacker');
+    assert.equal(cached.status, 'successful');
+    const signaturesBefore = r.stats.signatures;
+    // Fresh nonces from one address: 9 more signatures (10 in all with the miss above), then none.
+    const answers: OcspAnswer[] = [];
+    for (let i = 0; i < 15; i++) answers.push(await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')], randomBytes(16)), 'attacker'));
+    assert.ok(answers.every((a) => a.status === 'successful'), `a nonce request is always answered: ${answers.map((a) => a.status).join(' ')}`);
+    const withNonce = answers.filter((a) => parseOcspResponse(a.der).basic!.nonce !== undefined).length;
+    assert.equal(withNonce, 9);
+    assert.equal(r.stats.noncesIgnored, 6);
+    assert.equal(r.stats.signatures - signaturesBefore, 9, 'over its budget the client costs no signature');
+    assert.ok(answers.at(-1)!.der.equals(cached.der), 'the cached response, without the nonce');
+    // Random serials (each a cache miss) from the same address: tryLater, nothing signed or cached.
+    const miss = await r.respond(encodeOcspRequest([certIdFor(issuing, randomBytes(16).toString('hex'), 'sha1')]), 'attacker');
+    assert.equal(miss.status, 'tryLater');
+    assert.equal(parseOcspResponse(miss.der).status, 'tryLater');
+    assert.equal(r.stats.tryLater, 1);
+    // Several CertIDs need a signature too.
+    const multi = await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1'), certIdFor(issuing, known, 'sha256')]), 'attacker');
+    assert.equal(multi.status, 'tryLater');
+    // The same question already cached is still answered for it; another address has its own budget.
+    assert.equal((await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')]), 'attacker')).status, 'successful');
+    const other = await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')], randomBytes(16)), 'relying-party');
+    assert.ok(parseOcspResponse(other.der).basic!.nonce, 'another client still gets its nonce echoed');
+    // A revocation still shows at once in what the over-budget client is served (the cache entry is dropped and re-signed... by whoever asks first within budget).
+    await authority.revoke({ serial: known }, 'keyCompromise', 'test');
+    const afterRevocation = await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')]), 'relying-party');
+    assert.equal(single(afterRevocation).status, 'revoked');
+    assert.equal(single(await r.respond(encodeOcspRequest([certIdFor(issuing, known, 'sha1')], randomBytes(16)), 'attacker')).status, 'revoked');
+  });
+
   test('close() unsubscribes from revocation events', () => {
     const before = authority.events.listenerCount('revoked');
     const r = new OcspResponder(authority, { pollIntervalMs: 0, refreshIntervalMs: 0 });

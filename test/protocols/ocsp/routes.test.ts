@@ -100,3 +100,36 @@ describe('OCSP routes', () => {
     ocspResponderFor(authority).close();
   });
 });
+
+describe('OCSP routes: on-demand signing budget per client address', () => {
+  test('over one address budget: tryLater for what needs a signature, the cached answer (without nonce) for the rest; another address is unaffected', async () => {
+    const t = await createTestAuthority();
+    const authority = await Authority.open(t.home, t.passphrase);
+    const app = await buildHttpApp(authority, createLogger({ write: () => true } as unknown as NodeJS.WritableStream), { ocspOnDemandPerMinute: 10 });
+    try {
+      const [issuing] = (await authority.caChain('issuing-1', false)) as [Buffer];
+      const serial = (await authority.issue({ csr: deviceCsr().csrPem, actor: 'test' })).serial;
+      const ask = (remoteAddress: string, certSerial: string, nonce?: Buffer) =>
+        app.inject({ method: 'POST', url: '/ocsp', remoteAddress, headers: { 'content-type': 'application/ocsp-request' }, payload: encodeOcspRequest([certIdFor(issuing, certSerial)], nonce) });
+      // Ten nonce requests from one address are signed with the nonce echoed; the eleventh would need
+      // another signature, and nothing is cached for that serial yet: tryLater.
+      for (let i = 0; i < 10; i++) assert.ok(parseOcspResponse((await ask('192.0.2.7', serial, randomBytes(16))).rawPayload).basic!.nonce, `request ${i + 1}: nonce echoed`);
+      assert.equal(parseOcspResponse((await ask('192.0.2.7', serial, randomBytes(16))).rawPayload).status, 'tryLater');
+      // Once the answer is cached (another relying party asked without nonce), the over-budget address
+      // gets it, without its nonce, at no signature.
+      assert.equal(parseOcspResponse((await ask('192.0.2.9', serial)).rawPayload).status, 'successful');
+      const served = parseOcspResponse((await ask('192.0.2.7', serial, randomBytes(16))).rawPayload);
+      assert.equal(served.status, 'successful');
+      assert.equal(served.basic!.nonce, undefined);
+      assert.equal(served.basic!.responses[0]!.status, 'good');
+      const flood = await ask('192.0.2.7', randomBytes(16).toString('hex'));
+      assert.equal(parseOcspResponse(flood.rawPayload).status, 'tryLater');
+      const other = await ask('192.0.2.8', serial, randomBytes(16));
+      assert.ok(parseOcspResponse(other.rawPayload).basic!.nonce, 'another address still gets its nonce');
+    } finally {
+      await app.close();
+      await authority.close();
+      await t.cleanup();
+    }
+  });
+});
