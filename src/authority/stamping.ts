@@ -13,9 +13,10 @@
 // carries on. No registered device is ever without its recorded certificate.
 //
 // Speed. Keys come from DER templates around raw key material (src/pki/raw-keys.ts: OpenSSL's encoders
-// cost several times the key generation). X25519 onboarding keys and certificate signatures run on the
-// libuv thread pool (both cores) while the event loop commits the previous chunk and writes its files:
-// the next chunk is prepared while the current one is stored.
+// cost several times the key generation). Each stage has its own thread: the event loop makes chunks
+// (X25519 onboarding keys and certificate signatures on the libuv pool), the SQLite writer thread
+// commits them, the stamp file writer thread writes their files; up to IN_FLIGHT chunks overlap. The
+// event loop is the critical stage (docs/benchmarks.md): work moved onto it, even if cheaper, slows a run.
 
 import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
