@@ -22,6 +22,7 @@ export const ERROR_CODES = {
   CA_EXISTS: { status: 409, meaning: 'A CA with that name already exists.' },
   CA_NOT_ACTIVE: { status: 409, meaning: 'The CA is not active (pending, retired, expired or revoked).' },
   CA_CERT_MISMATCH: { status: 400, meaning: 'The certificate does not match the pending request or does not chain to the root.' },
+  TLS_RENEWAL_IN_PROGRESS: { status: 409, meaning: 'Another process is renewing the authority\'s HTTPS certificate right now (tls/renew.lock); it is picked up when done. A lock older than 5 minutes is taken over.' },
   ROOT_DIR_INVALID: { status: 400, meaning: 'The directory is not a Hallmark offline root directory.' },
   CERTIFICATE_NOT_FOUND: { status: 404, meaning: 'No certificate has that serial number.' },
   SERIAL_COLLISION: { status: 500, meaning: 'Could not allocate a unique serial number (should never happen).' },

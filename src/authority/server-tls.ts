@@ -10,7 +10,7 @@
 // the two leaves a chain whose key is not the configured one: serverTls() says so and names the fix.
 
 import { X509Certificate } from 'node:crypto';
-import { readFile, rename, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HallmarkError } from '../errors.js';
 import { decodePemBlocks, encodePem } from '../pki/pem.js';
@@ -99,8 +99,43 @@ export async function rolloverLinks(authority: Authority): Promise<Buffer[]> {
   });
 }
 
+/** A lock older than this is left from a process that died while renewing: it is taken over. */
+const STALE_LOCK_MS = 5 * 60_000;
+
+/**
+ * Runs `fn` holding `<home>/tls/renew.lock` (created exclusively): two processes serving one home (or the
+ * CLI beside a server) must not renew at once, or the chain file of one could end up beside the key
+ * reference of the other. TLS_RENEWAL_IN_PROGRESS when another process holds it.
+ */
+async function withRenewalLock<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  const lock = join(home, 'tls', 'renew.lock');
+  await mkdir(join(home, 'tls'), { recursive: true });
+  let handle: FileHandle | undefined;
+  for (let attempt = 0; !handle; attempt++) {
+    try {
+      handle = await open(lock, 'wx', 0o600);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const age = Date.now() - (await stat(lock).then((st) => st.mtimeMs, () => Date.now()));
+      if (attempt > 0 || age < STALE_LOCK_MS) throw new HallmarkError('TLS_RENEWAL_IN_PROGRESS', `another process is renewing the TLS certificate (${lock}, ${Math.round(age / 1000)} s old)`);
+      await unlink(lock).catch(() => {});
+    }
+  }
+  try {
+    await handle.writeFile(`${process.pid}\n`);
+    return await fn();
+  } finally {
+    await handle.close();
+    await unlink(lock).catch(() => {});
+  }
+}
+
 /** Issues a new TLS server certificate with a new key and installs it in the home. */
 export async function renewServerTls(authority: Authority, options: RenewTlsOptions): Promise<ServerTls> {
+  return withRenewalLock(authority.home, () => renew(authority, options));
+}
+
+async function renew(authority: Authority, options: RenewTlsOptions): Promise<ServerTls> {
   const dnsNames = [...new Set(options.dnsNames ?? authority.config.tls.dnsNames)];
   const ipAddresses = [...new Set(options.ipAddresses ?? authority.config.tls.ipAddresses)];
   if (dnsNames.length === 0) throw new HallmarkError('BAD_REQUEST', 'the TLS certificate needs at least one DNS name (--dns)');

@@ -10,6 +10,7 @@ import type { SecureContextOptions, Server as TlsServer } from 'node:tls';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Authority } from '../authority/authority.js';
+import { HallmarkError } from '../errors.js';
 import { loadHomeConfig } from '../authority/home.js';
 import { needsTlsRenewal, renewServerTls, serverTls, type ServerTls } from '../authority/server-tls.js';
 import { encodePem } from '../pki/pem.js';
@@ -145,7 +146,9 @@ export function keepServerTls(authority: Authority, https: FastifyInstance, logg
         logger.info({ serial, notAfter: tls.notAfter.toISOString() }, 'TLS certificate loaded');
       }
     } catch (err) {
-      logger.error({ err }, 'TLS certificate check failed');
+      // Another process renewing: its certificate is loaded at the next check.
+      if (err instanceof HallmarkError && err.code === 'TLS_RENEWAL_IN_PROGRESS') logger.info({ reason: err.message }, 'TLS certificate renewal left to another process');
+      else logger.error({ err }, 'TLS certificate check failed');
     } finally {
       running = undefined;
     }

@@ -8,7 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connect } from 'node:tls';
 import { generateKeyPairSync } from 'node:crypto';
@@ -16,6 +16,7 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { Authority } from '../../src/authority/authority.js';
 import { renewServerTls, serverTls } from '../../src/authority/server-tls.js';
+import { loadHomeConfig } from '../../src/authority/home.js';
 import { OfflineRoot } from '../../src/authority/offline-root.js';
 import { installRootRollover } from '../../src/authority/root-rollover.js';
 import { createLogger } from '../../src/log.js';
@@ -100,6 +101,23 @@ describe('HTTPS certificate renewal', () => {
     assert.notEqual(renewed.serial, current.serial);
     assert.equal((await servedSerial(port, root)).serial, renewed.serial);
     assert.deepEqual(renewed.dnsNames, current.dnsNames, 'the names are kept');
+  });
+
+  test('two renewals at once: one waits its turn (TLS_RENEWAL_IN_PROGRESS); a lock left by a dead process is taken over', async () => {
+    const results = await Promise.allSettled([renewServerTls(authority, { actor: 'a' }), renewServerTls(authority, { actor: 'b' })]);
+    assert.equal(results.filter((r) => r.status === 'fulfilled').length, 1);
+    const refused = results.find((r): r is PromiseRejectedResult => r.status === 'rejected')!;
+    assert.equal((refused.reason as { code?: string }).code, 'TLS_RENEWAL_IN_PROGRESS');
+    await serverTls(authority); // chain and key in step
+    const lock = join(t.home, 'tls', 'renew.lock');
+    writeFileSync(lock, '99999\n');
+    await assert.rejects(cli('tls', 'renew'), (err: { stderr: string }) => /TLS_RENEWAL_IN_PROGRESS/.test(err.stderr));
+    const old = new Date(Date.now() - 10 * 60_000);
+    utimesSync(lock, old, old);
+    const renewed = JSON.parse((await cli('tls', 'renew', '--json')).stdout) as { serial: string };
+    assert.equal(existsSync(lock), false, 'the lock is gone after the renewal');
+    authority.config.tls = (await loadHomeConfig(t.home)).tls;
+    assert.equal((await serverTls(authority)).serial, renewed.serial);
   });
 
   test('an interrupted renewal (chain and key out of step) is reported, and the server repairs it', async () => {
