@@ -17,11 +17,11 @@ const asJson = (tls: ServerTls): string => JSON.stringify({ serial: tls.serial, 
 export const tlsStatusCommand: Command = {
   name: 'tls status',
   summary: "the authority's own HTTPS certificate (EST, admin API): names, issuer, days left",
-  usage: `Usage: hallmark tls status [--json] [--home DIR]
+  usage: `Usage: hallmark tls status [--json] [--home DIR] [--passphrase-file FILE]
 
 Shows <home>/tls/server.pem's certificate and checks that it belongs to the configured TLS key.
 hallmark serve renews it by itself when fewer than ${TLS_RENEW_WITHIN_DAYS} days are left.`,
-  options: { json: { type: 'boolean' } },
+  options: { json: { type: 'boolean' }, 'passphrase-file': { type: 'string' } },
   async run(args) {
     return withAuthority(args, async (authority) => {
       const tls = await serverTls(authority);
@@ -34,13 +34,13 @@ hallmark serve renews it by itself when fewer than ${TLS_RENEW_WITHIN_DAYS} days
 export const tlsRenewCommand: Command = {
   name: 'tls renew',
   summary: "a new key and certificate for the authority's own HTTPS listener (other names: --dns/--ip)",
-  usage: `Usage: hallmark tls renew [--dns NAME]... [--ip ADDRESS]... [--ca NAME] [--json] [--home DIR]
+  usage: `Usage: hallmark tls renew [--dns NAME]... [--ip ADDRESS]... [--ca NAME] [--json] [--home DIR] [--passphrase-file FILE]
 
 Makes a new key, has the default issuing CA (or --ca) issue a tls-server certificate for it, and
 installs both (<home>/tls/server.pem and the configuration). --dns / --ip replace the names (default:
 keep the current ones). A running hallmark serve picks the new certificate up within its check
 interval (an hour) without a restart; it also renews by itself within ${TLS_RENEW_WITHIN_DAYS} days of expiry.`,
-  options: { dns: { type: 'string', multiple: true }, ip: { type: 'string', multiple: true }, ca: { type: 'string' }, json: { type: 'boolean' } },
+  options: { dns: { type: 'string', multiple: true }, ip: { type: 'string', multiple: true }, ca: { type: 'string' }, json: { type: 'boolean' }, 'passphrase-file': { type: 'string' } },
   async run(args) {
     return withAuthority(args, async (authority) => {
       const dns = list(args, 'dns');
