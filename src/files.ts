@@ -2,7 +2,7 @@
 // oversized input costs nothing. Callers turn the errors into their own codes and messages.
 
 import { execFile } from 'node:child_process';
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 
 export class FileOverLimit extends Error {
   constructor(readonly path: string, readonly size: number, readonly limit: number) {
@@ -11,20 +11,25 @@ export class FileOverLimit extends Error {
   }
 }
 
+/** Up to `size` bytes of an open file from its start (fewer if it is shorter). */
+export async function readFromStart(handle: FileHandle, size: number): Promise<Buffer> {
+  const buf = Buffer.alloc(size);
+  let off = 0;
+  while (off < size) {
+    const { bytesRead } = await handle.read(buf, off, size - off, off);
+    if (bytesRead === 0) break;
+    off += bytesRead;
+  }
+  return buf.subarray(0, off);
+}
+
 /** The file's bytes; FileOverLimit when it is larger than `limit`; open/read errors (ENOENT, EACCES, …) as thrown by node:fs. */
 export async function readFileWithin(path: string, limit: number): Promise<Buffer> {
   const handle = await open(path, 'r');
   try {
     const size = (await handle.stat()).size;
     if (size > limit) throw new FileOverLimit(path, size, limit);
-    const buf = Buffer.alloc(size);
-    let off = 0;
-    while (off < size) {
-      const { bytesRead } = await handle.read(buf, off, size - off, off);
-      if (bytesRead === 0) break;
-      off += bytesRead;
-    }
-    return buf.subarray(0, off);
+    return await readFromStart(handle, size);
   } finally {
     await handle.close();
   }

@@ -38,6 +38,7 @@ export interface FileWriterData {
 export class StampFileWriter {
   readonly #worker: Worker;
   readonly #waiting = new Map<number, { resolve(): void; reject(err: Error): void }>();
+  readonly #inFlight = new Set<Promise<void>>();
   #nextId = 1;
   #failed: Error | undefined;
   #closed = false;
@@ -78,23 +79,22 @@ export class StampFileWriter {
     for (const f of files) { bytes.set(f.bytes, at); at += f.bytes.byteLength; }
     const id = this.#nextId++;
     const request: FileBatchRequest = { id, names: files.map((f) => f.name), lengths: files.map((f) => f.bytes.byteLength), bytes: bytes.buffer };
-    return new Promise<void>((resolve, reject) => {
+    const written = new Promise<void>((resolve, reject) => {
       this.#waiting.set(id, { resolve, reject });
       this.#worker.ref();
       this.#worker.postMessage(request, [bytes.buffer]);
     });
+    this.#inFlight.add(written);
+    const forget = (): void => { this.#inFlight.delete(written); };
+    written.then(forget, forget);
+    return written;
   }
 
-  /** Stops the thread after the writes already asked for. */
+  /** Stops the thread after the writes already asked for (their promises settle first). */
   async close(): Promise<void> {
     if (this.#closed) return;
-    const pending = [...this.#waiting.values()].map((w) => new Promise<void>((resolve) => {
-      const { resolve: r, reject: j } = w;
-      w.resolve = () => { r(); resolve(); };
-      w.reject = (err) => { j(err); resolve(); };
-    }));
-    await Promise.all(pending);
     this.#closed = true;
+    await Promise.allSettled(this.#inFlight);
     await this.#worker.terminate();
   }
 }

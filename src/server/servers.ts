@@ -68,8 +68,8 @@ function accessLog(request: FastifyRequest, reply: FastifyReply, done: () => voi
   done();
 }
 
-export async function buildHttpsApp(authority: Authority, logger: Logger, options: HttpsAppOptions = {}): Promise<FastifyInstance> {
-  const tls = await serverTls(authority);
+export async function buildHttpsApp(authority: Authority, logger: Logger, options: HttpsAppOptions & { readonly tls?: ServerTls } = {}): Promise<FastifyInstance> {
+  const tls = options.tls ?? (await serverTls(authority));
   const trust = (await authority.caChain(await authority.rootName(), false)).map((d) => encodePem('CERTIFICATE', d)).join('');
   const app = Fastify({
     https: {
@@ -160,12 +160,12 @@ export function keepServerTls(authority: Authority, https: FastifyInstance, logg
 
 export async function startServers(authority: Authority, options: ServerOptions): Promise<RunningServers> {
   // A certificate that expired (or nearly) while the server was down is renewed before listening.
-  const current = await serverTls(authority).catch(() => undefined);
-  if (!current || needsTlsRenewal(current.notAfter)) {
-    const renewed = await renewServerTls(authority, { actor: 'server' });
-    options.logger.info({ serial: renewed.serial, notAfter: renewed.notAfter.toISOString() }, 'TLS certificate renewed');
+  let tls = await serverTls(authority).catch(() => undefined);
+  if (!tls || needsTlsRenewal(tls.notAfter)) {
+    tls = await renewServerTls(authority, { actor: 'server' });
+    options.logger.info({ serial: tls.serial, notAfter: tls.notAfter.toISOString() }, 'TLS certificate renewed');
   }
-  const https = await buildHttpsApp(authority, options.logger, options);
+  const https = await buildHttpsApp(authority, options.logger, { ...options, tls });
   const http = await buildHttpApp(authority, options.logger, options);
   await https.listen({ host: options.host, port: options.httpsPort });
   try {
@@ -180,7 +180,7 @@ export async function startServers(authority: Authority, options: ServerOptions)
   authority.store.writeInBackground();
   // Revocations made by other processes (the CLI, another server) reach this one's CRL and OCSP caches.
   const stopWatching = authority.watchRevocations(options.revocationPollMs ?? 1000);
-  const tlsKeeper = keepServerTls(authority, https, options.logger, options.tlsCheckMs ?? 3_600_000, (await serverTls(authority)).serial);
+  const tlsKeeper = keepServerTls(authority, https, options.logger, options.tlsCheckMs ?? 3_600_000, tls.serial);
   const webhooks = startWebhookDispatcher(authority.store, { logger: options.logger, ...options.webhooks });
   const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host;
   return {

@@ -28,7 +28,7 @@
 
 import { createHash, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
-import { FileOverLimit, readFileWithin } from '../files.js';
+import { FileOverLimit, readFileWithin, readFromStart } from '../files.js';
 import { dirname } from 'node:path';
 import { HallmarkError } from '../errors.js';
 import { SCHEME_BY_OID, publicKeyFromSpki, signingSchemeFor } from '../pki/algorithms.js';
@@ -807,14 +807,8 @@ export class JournalWriter {
     try {
       const size = (await handle.stat()).size;
       if (size > JOURNAL_LIMITS.totalBytes) throw new HallmarkError('JOURNAL_INVALID', `the station journal ${path} is over the ${JOURNAL_LIMITS.totalBytes}-byte limit`);
-      const buf = Buffer.alloc(size);
-      let off = 0;
-      while (off < size) {
-        const { bytesRead } = await handle.read(buf, off, size - off, off);
-        if (bytesRead === 0) break;
-        off += bytesRead;
-      }
-      let end = off;
+      const buf = await readFromStart(handle, size);
+      let end = buf.length;
       let repairedBytes = 0;
       if (end > 0 && buf[end - 1] !== 0x0a) {
         const lastNl = buf.lastIndexOf(0x0a, end - 1);

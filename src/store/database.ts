@@ -4,6 +4,7 @@
 import { chmodSync } from 'node:fs';
 import BetterSqlite3 from 'better-sqlite3';
 import { Kysely, Migrator, PostgresDialect, SqliteDialect, sql, type Transaction } from 'kysely';
+import { commitOrRollback } from './sqlite-transaction.js';
 import { reusingStatements } from './sqlite-statements.js';
 import { checkpointInBackground, type Checkpointer } from './sqlite-checkpointer.js';
 import { SqliteWriter } from './sqlite-writer.js';
@@ -108,15 +109,7 @@ export class Store {
       Atomics.add(this.#mainWriters, 0, 1);
       try {
         await this.#beginImmediate(conn);
-        try {
-          // A Kysely Transaction is a Kysely bound to one connection; the connection here is already in BEGIN.
-          const result = await fn(conn as unknown as Transaction<Database>);
-          await sql`commit`.execute(conn);
-          return result;
-        } catch (err) {
-          await sql`rollback`.execute(conn).catch(() => {});
-          throw err;
-        }
+        return await commitOrRollback(conn, fn);
       } finally {
         Atomics.sub(this.#mainWriters, 0, 1);
         Atomics.notify(this.#mainWriters, 0);

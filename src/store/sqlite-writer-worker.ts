@@ -11,6 +11,7 @@ import { MAX_BATCH, SavepointPolicy, commitGroup, type UnitOfWork } from './grou
 import { loadProcedure } from './procedures.js';
 import type { Database } from './schema.js';
 import { reusingStatements } from './sqlite-statements.js';
+import { commitOrRollback } from './sqlite-transaction.js';
 import type { SerializedError, WriterData, WriterReady, WriterReply, WriterRequest, WriterUnit } from './sqlite-writer.js';
 
 const data = workerData as WriterData;
@@ -43,14 +44,7 @@ async function writeTransaction<T>(fn: (trx: Transaction<Database>) => Promise<T
   yieldToMainWriters();
   return db.connection().execute(async (conn) => {
     await sql`begin immediate`.execute(conn);
-    try {
-      const result = await fn(conn as unknown as Transaction<Database>);
-      await sql`commit`.execute(conn);
-      return result;
-    } catch (err) {
-      await sql`rollback`.execute(conn).catch(() => {});
-      throw err;
-    }
+    return commitOrRollback(conn, fn);
   });
 }
 
