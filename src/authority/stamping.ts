@@ -20,10 +20,10 @@
 
 import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { appendAudit } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
-import { createArchiveWriter } from '../factory/archive.js';
+import { createArchiveWriter, publishArchive, sha256OfFile } from '../factory/archive.js';
 import { flushFileSystem } from '../files.js';
 import { formatByName } from '../factory/formats/index.js';
 import { StampFileWriter } from '../factory/stamp-file-writer.js';
@@ -237,11 +237,11 @@ function plainSink(writer: StampFileWriter, formats: readonly StampFormat[]): Si
 
 // ---------------------------------------------------------------- the run
 
-interface RunRow { id: string; requested: number; formats: string; out_dir: string; encrypt_to: string | null }
+interface RunRow { id: string; requested: number; formats: string; out_dir: string; encrypt_to: string | null; archive_name: string | null; archive_sha256: string | null }
 
 async function openRun(authority: Authority, ctx: StampContext, options: StampGenerateOptions, outDir: string, encryptTo: string | null): Promise<{ run: RunRow; resumed: boolean }> {
   const formats = options.formats.join(',');
-  const existing = await authority.store.db.selectFrom('stamp_runs').select(['id', 'requested', 'formats', 'out_dir', 'encrypt_to']).where('batch_id', '=', ctx.batchId).where('status', '=', 'running').executeTakeFirst();
+  const existing = await authority.store.db.selectFrom('stamp_runs').select(['id', 'requested', 'formats', 'out_dir', 'encrypt_to', 'archive_name', 'archive_sha256']).where('batch_id', '=', ctx.batchId).where('status', '=', 'running').executeTakeFirst();
   if (existing) {
     const differs = [
       existing.out_dir !== outDir && `it writes to ${existing.out_dir}`,
@@ -260,7 +260,7 @@ async function openRun(authority: Authority, ctx: StampContext, options: StampGe
     await authority.audit([{ actor: options.actor, action: 'issuance.quota_exceeded', target: ctx.batchId, details: { batch: ctx.batchId, requested: options.count, left, source: 'stamp' } }]);
     throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has ${left} of its quota of ${ctx.quota} left; ${options.count} stamps were asked for (line ${ctx.lineName})`);
   }
-  const run: RunRow = { id: `s-${randomBytes(6).toString('hex')}`, requested: options.count, formats, out_dir: outDir, encrypt_to: encryptTo };
+  const run: RunRow = { id: `s-${randomBytes(6).toString('hex')}`, requested: options.count, formats, out_dir: outDir, encrypt_to: encryptTo, archive_name: null, archive_sha256: null };
   await authority.store.writeTransaction(async (trx) => {
     await trx.insertInto('stamp_runs').values({ ...run, batch_id: ctx.batchId, status: 'running', created_by: options.actor, created_at: nowIso(), completed_at: null }).execute();
     if (!(await trx.selectFrom('tenants').select('name').where('name', '=', DEFAULT_TENANT).executeTakeFirst())) await trx.insertInto('tenants').values({ name: DEFAULT_TENANT, created_at: nowIso() }).execute();
@@ -344,6 +344,46 @@ async function writeSummary(authority: Authority, batchId: string, runId: string
 }
 
 /**
+ * The last step of a run: the file system flushed, then in one transaction the written stamps marked,
+ * every kept secret of the run forgotten, the run complete and audited.
+ */
+async function completeRun(authority: Authority, r: { runId: string; batch: string; outDir: string; actor: string; requested: number; generated: number; rewritten: number; archivePath: string | undefined; written: readonly string[]; archive: boolean; fromFinishedArchive?: boolean }): Promise<void> {
+  // The secrets kept in the store are the only copy of the device keys until the files are on disk:
+  // flush the file system before forgetting them (the archive is fsync'd by finish(), but its rename
+  // into place is only durable once the directory is).
+  await flushFileSystem(r.outDir).catch((err: unknown) => {
+    throw new HallmarkError('STAMP_WRITE_FAILED', `the stamp files in ${r.outDir} could not be flushed to disk (${(err as Error).message}); their secrets are kept: run the same command again`, { cause: err });
+  });
+  await authority.store.writeTransaction(async (trx) => {
+    const now = nowIso();
+    if (!r.archive) await markStampsWritten(trx, authority.store.dialect, r.written, now);
+    await forgetStampSecrets(trx, authority.store.dialect, r.runId, now);
+    await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: now }).where('id', '=', r.runId).execute();
+    await appendAudit(trx, [{ actor: r.actor, action: 'stamp.complete', target: r.runId, details: { batch: r.batch, stamps: r.requested, generatedNow: r.generated, rewritten: r.rewritten, archive: r.archivePath ?? null, ...(r.fromFinishedArchive ? { fromFinishedArchive: true } : {}) } }]);
+  });
+}
+
+/**
+ * An encrypted run whose archive was recorded (name and SHA-256) by an invocation stopped before its
+ * last commit: the archive's path when that archive is in place — or still under its .partial name with
+ * the recorded bytes (stopped between the record and the rename), then renamed now. Undefined when it is
+ * neither (stopped or changed before it was complete): the record is cleared and the run goes on as any
+ * interrupted one, writing its stamps into a new part.
+ */
+async function finishedArchive(authority: Authority, run: RunRow, outDir: string): Promise<string | undefined> {
+  const path = join(outDir, run.archive_name!);
+  if (await sha256OfFile(path) === run.archive_sha256) return path;
+  if (await sha256OfFile(`${path}.partial`) === run.archive_sha256) {
+    await publishArchive(path);
+    return path;
+  }
+  await authority.store.writeTransaction(async (trx) => {
+    await trx.updateTable('stamp_runs').set({ archive_name: null, archive_sha256: null }).where('id', '=', run.id).execute();
+  });
+  return undefined;
+}
+
+/**
  * Generates (or resumes) a batch's stamps. Refuses beyond the batch quota before making anything,
  * when the product does not allow authority-made keys, or when the batch has expired.
  */
@@ -370,6 +410,17 @@ export async function generateStamps(authority: Authority, options: StampGenerat
   let archive: Awaited<ReturnType<typeof createArchiveWriter>> | undefined;
   let fileWriter: StampFileWriter | undefined;
   let archivePath: string | undefined;
+  if (options.encryptTo && run.archive_name) {
+    const finished = await finishedArchive(authority, run, outDir);
+    if (finished) {
+      // The invocation before finished the archive (every stamp of the run is in it) and was stopped before
+      // its last commit: complete the run from that archive rather than write every stamp again.
+      const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
+      await writeSummary(authority, ctx.batchId, run.id, summaryCsv, false);
+      await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated: 0, rewritten: 0, archivePath: finished, written: [], archive: true, fromFinishedArchive: true });
+      return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten: 0, generated: 0, outDir, summaryCsv, archive: finished, seconds: (performance.now() - started) / 1000 };
+    }
+  }
   if (options.encryptTo) {
     for (const name of await readdir(outDir)) if (name.startsWith(`stamps-${run.id}`) && name.endsWith('.partial')) await rm(join(outDir, name), { force: true });
     const parts = (await readdir(outDir)).filter((n) => n.startsWith(`stamps-${run.id}-`) && n.endsWith('.hsa')).length;
@@ -460,21 +511,14 @@ export async function generateStamps(authority: Authority, options: StampGenerat
     const summary = await writeSummary(authority, ctx.batchId, run.id, summaryCsv, !!archive);
     if (archive) {
       await archive.add(`stamps-${run.id}.csv`, summary!);
-      await archive.finish();
+      // Named in the store before it is renamed into place: a kill between the rename and the commit
+      // below is finished from this archive next time (finishedArchive) instead of repeating its stamps.
+      const name = basename(archivePath!);
+      await archive.finish((finished) => authority.store.writeTransaction(async (trx) => {
+        await trx.updateTable('stamp_runs').set({ archive_name: name, archive_sha256: finished.sha256 }).where('id', '=', run.id).execute();
+      }));
     }
-    // The secrets kept in the store are the only copy of the device keys until the files are on disk:
-    // flush the file system before forgetting them (the archive is fsync'd by finish(), but its rename
-    // into place is only durable once the directory is).
-    await flushFileSystem(outDir).catch((err: unknown) => {
-      throw new HallmarkError('STAMP_WRITE_FAILED', `the stamp files in ${outDir} could not be flushed to disk (${(err as Error).message}); their secrets are kept: run the same command again`, { cause: err });
-    });
-    await authority.store.writeTransaction(async (trx) => {
-      const now = nowIso();
-      if (!archive) await markStampsWritten(trx, authority.store.dialect, written, now);
-      await forgetStampSecrets(trx, authority.store.dialect, run.id, now);
-      await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: now }).where('id', '=', run.id).execute();
-      await appendAudit(trx, [{ actor: options.actor, action: 'stamp.complete', target: run.id, details: { batch: ctx.batchId, stamps: run.requested, generatedNow: generated, rewritten, archive: archivePath ?? null } }]);
-    });
+    await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated, rewritten, archivePath, written, archive: !!archive });
     return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten, generated, outDir, summaryCsv, ...(archivePath ? { archive: archivePath } : {}), seconds: (performance.now() - started) / 1000 };
   } catch (err) {
     await archive?.abort().catch(() => {});

@@ -155,11 +155,22 @@ export interface ArchiveWriterOptions {
   readonly info?: object;
 }
 
+export interface FinishedArchive {
+  readonly files: number;
+  readonly bytes: number;
+  /** SHA-256 (hex) of the whole archive file. */
+  readonly sha256: string;
+}
+
 export interface ArchiveWriter {
   /** Adds one file. Calls are serialised; await each (it applies back-pressure on the disk). */
   add(name: string, data: Buffer): Promise<void>;
-  /** Seals the last chunk, signs, fsyncs and renames PATH.partial to PATH. */
-  finish(): Promise<{ files: number; bytes: number; sha256: string }>;
+  /**
+   * Seals the last chunk, signs, fsyncs and renames PATH.partial to PATH. `beforePublish`, when given,
+   * runs once the archive is complete and synced but before the rename (a caller records the archive's
+   * hash durably there); if it fails, nothing is renamed.
+   */
+  finish(beforePublish?: (archive: FinishedArchive) => Promise<void>): Promise<FinishedArchive>;
   /** Removes PATH.partial; safe to call at any time and more than once. */
   abort(): Promise<void>;
 }
@@ -283,7 +294,7 @@ export async function createArchiveWriter(options: ArchiveWriterOptions): Promis
         await drain();
       });
     },
-    finish() {
+    finish(beforePublish) {
       return serial(async () => {
         await seal(Buffer.concat(pending, pendingBytes), true);
         pending = [];
@@ -297,14 +308,11 @@ export async function createArchiveWriter(options: ArchiveWriterOptions): Promis
         await write(ARCHIVE_TRAILER_MAGIC, u16(signature.length), signature);
         await fh.sync();
         await fh.close();
-        await rename(partial, options.path);
-        // The rename is durable only once the directory is synced.
-        try {
-          const dir = await open(dirname(options.path), 'r');
-          try { await dir.sync(); } finally { await dir.close(); }
-        } catch { /* some file systems cannot fsync a directory; the data itself is synced */ }
+        const finished: FinishedArchive = { files, bytes: size, sha256: whole.digest('hex') };
+        await beforePublish?.(finished);
+        await publishArchive(options.path);
         state = 'finished';
-        return { files, bytes: size, sha256: whole.digest('hex') };
+        return finished;
       });
     },
     async abort() {
@@ -316,6 +324,41 @@ export async function createArchiveWriter(options: ArchiveWriterOptions): Promis
       await unlink(partial).catch(() => {});
     },
   };
+}
+
+/**
+ * Renames a complete, synced PATH.partial to PATH and syncs the directory (the rename is durable only
+ * then). Also how an interrupted stamp run publishes the archive it had finished (src/authority/stamping.ts).
+ */
+export async function publishArchive(path: string): Promise<void> {
+  await rename(`${path}.partial`, path);
+  try {
+    const dir = await open(dirname(path), 'r');
+    try { await dir.sync(); } finally { await dir.close(); }
+  } catch { /* some file systems cannot fsync a directory; the data itself is synced */ }
+}
+
+/** SHA-256 (hex) of a file, read in chunks; null when it does not exist. */
+export async function sha256OfFile(path: string): Promise<string | null> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  try {
+    const hash = createHash('sha256');
+    const buffer = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const { bytesRead } = await fh.read(buffer, 0, buffer.length, null);
+      if (bytesRead === 0) break;
+      hash.update(buffer.subarray(0, bytesRead));
+    }
+    return hash.digest('hex');
+  } finally {
+    await fh.close();
+  }
 }
 
 // ---------------------------------------------------------------- reading

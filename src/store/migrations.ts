@@ -423,6 +423,20 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await sql`create index devices_state on devices (state, udid)`.execute(db);
       },
     },
+    '0009_stamp_archive_parts': {
+      // An encrypted stamp run names its archive (and the archive's SHA-256) in the store before the
+      // archive is renamed into place, so that an invocation killed between that rename and the run's
+      // last commit is finished from that archive on the next one instead of writing every stamp again
+      // into a second part.
+      async up(db: Kysely<unknown>) {
+        await sql`alter table stamp_runs add column archive_name text`.execute(db);
+        await sql`alter table stamp_runs add column archive_sha256 text`.execute(db);
+      },
+      async down(db: Kysely<unknown>) {
+        await sql`alter table stamp_runs drop column archive_sha256`.execute(db);
+        await sql`alter table stamp_runs drop column archive_name`.execute(db);
+      },
+    },
   };
 }
 

@@ -220,6 +220,12 @@ export interface StampRunsTable {
   created_by: string;
   created_at: string;
   completed_at: string | null;
+  /**
+   * Encrypted runs: the archive file (name in out_dir) and its SHA-256 (hex), recorded once the archive
+   * is complete and synced but before it is renamed into place (migration 0009). Null until then.
+   */
+  archive_name: ColumnType<string | null, string | null | undefined, string | null>;
+  archive_sha256: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface StampsTable {

@@ -3,9 +3,9 @@
 // stored (encrypted) secrets; the encrypted archive for the factory.
 
 import assert from 'node:assert/strict';
-import { createPrivateKey, createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
+import { appendFileSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { CompiledQuery } from 'kysely';
 import { verifyAuditLog } from '../../src/audit/audit-log.js';
@@ -198,6 +198,83 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       assert.ok(names.some((n) => n.endsWith('.csv')), 'the summary travels in the archive too');
       const stamps = await db.selectFrom('stamps').select('pending').where('batch_id', '=', batch).execute();
       assert.ok(stamps.every((s) => s.pending === null));
+    });
+
+    // A stop after the archive is renamed into place but before the run's last commit is made here by a
+    // file system flush that fails (no `sync` on PATH): the state a kill -9 in that window leaves.
+    const stopBeforeLastCommit = async (run: () => Promise<unknown>): Promise<void> => {
+      const path = process.env.PATH;
+      process.env.PATH = join(target.dir, 'no-such-bin');
+      try {
+        await assert.rejects(run(), hasCode('STAMP_WRITE_FAILED'));
+      } finally {
+        process.env.PATH = path;
+      }
+    };
+    const archiveNames = async (path: string, factoryKey: ReturnType<typeof generateKeyPairSync>['privateKey']): Promise<string[]> => {
+      const names: string[] = [];
+      for await (const entry of openArchive({ path, recipientPrivateKey: factoryKey, trustedRoots: [root.raw] })) names.push(entry.name);
+      return names;
+    };
+
+    await t.test('--encrypt-to stopped after its archive is in place, before the run completed: the next invocation finishes from that archive instead of repeating its stamps in a second part', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const out = join(target.dir, 'stamps-archive-stop');
+      const factory = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+      const options = { batch, count: 40, outDir: out, formats: ['json'] as 'json'[], encryptTo: factory.publicKey.export({ type: 'spki', format: 'der' }), actor: 'test', chunkSize: 16 };
+      await stopBeforeLastCommit(() => generateStamps(authority, options));
+      const parts = readdirSync(out).filter((f) => f.endsWith('.hsa'));
+      assert.equal(parts.length, 1);
+      const run = await db.selectFrom('stamp_runs').selectAll().where('batch_id', '=', batch).executeTakeFirstOrThrow();
+      assert.equal(run.status, 'running');
+      assert.equal(run.archive_name, parts[0]);
+      assert.equal(run.archive_sha256, createHash('sha256').update(readFileSync(join(out, parts[0]!))).digest('hex'));
+      assert.ok((await db.selectFrom('stamps').select('pending').where('batch_id', '=', batch).execute()).every((s) => s.pending !== null), 'secrets kept until the run completes');
+
+      const report = await generateStamps(authority, options);
+      assert.equal(report.resumed, true);
+      assert.equal(report.generated, 0);
+      assert.equal(report.rewritten, 0);
+      assert.equal(report.archive, join(out, parts[0]!));
+      assert.deepEqual(readdirSync(out).filter((f) => f.endsWith('.hsa') || f.endsWith('.partial')), parts, 'no second part');
+      assert.equal((await archiveNames(report.archive!, factory.privateKey)).filter((n) => n.endsWith('.json')).length, 40);
+      const after = await db.selectFrom('stamp_runs').select(['status']).where('id', '=', run.id).executeTakeFirstOrThrow();
+      assert.equal(after.status, 'complete');
+      assert.ok((await db.selectFrom('stamps').select('pending').where('batch_id', '=', batch).execute()).every((s) => s.pending === null));
+      const complete = await db.selectFrom('audit_log').select('details').where('action', '=', 'stamp.complete').where('target', '=', run.id).executeTakeFirstOrThrow();
+      assert.equal(JSON.parse(complete.details).fromFinishedArchive, true);
+      assert.equal((await registry.batch(batch)).issued, 40);
+    });
+
+    await t.test('--encrypt-to stopped between recording its archive and renaming it: the next invocation renames the recorded bytes into place', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const out = join(target.dir, 'stamps-archive-rename');
+      const factory = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+      const options = { batch, count: 20, outDir: out, formats: ['json'] as 'json'[], encryptTo: factory.publicKey.export({ type: 'spki', format: 'der' }), actor: 'test', chunkSize: 16 };
+      await stopBeforeLastCommit(() => generateStamps(authority, options));
+      const [part] = readdirSync(out).filter((f) => f.endsWith('.hsa'));
+      renameSync(join(out, part!), join(out, `${part}.partial`));
+      const report = await generateStamps(authority, options);
+      assert.equal(report.generated + report.rewritten, 0);
+      assert.deepEqual(readdirSync(out).filter((f) => f.endsWith('.hsa') || f.endsWith('.partial')), [part]);
+      assert.equal((await archiveNames(join(out, part!), factory.privateKey)).filter((n) => n.endsWith('.json')).length, 20);
+    });
+
+    await t.test('--encrypt-to whose recorded archive was changed afterwards: not trusted; every stamp goes into a new part', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const out = join(target.dir, 'stamps-archive-changed');
+      const factory = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+      const options = { batch, count: 20, outDir: out, formats: ['json'] as 'json'[], encryptTo: factory.publicKey.export({ type: 'spki', format: 'der' }), actor: 'test', chunkSize: 16 };
+      await stopBeforeLastCommit(() => generateStamps(authority, options));
+      const [part] = readdirSync(out).filter((f) => f.endsWith('.hsa'));
+      appendFileSync(join(out, part!), Buffer.from([0]));
+      const report = await generateStamps(authority, options);
+      assert.equal(report.rewritten, 20);
+      assert.ok(report.archive && basename(report.archive) !== part);
+      assert.equal((await archiveNames(report.archive, factory.privateKey)).filter((n) => n.endsWith('.json')).length, 20);
+      const run = await db.selectFrom('stamp_runs').select(['status', 'archive_name']).where('batch_id', '=', batch).executeTakeFirstOrThrow();
+      assert.equal(run.status, 'complete');
+      assert.equal(run.archive_name, basename(report.archive));
     });
   } finally {
     await authority.close();
