@@ -105,7 +105,7 @@ the run's files are flushed to disk at its end). Progress goes to stderr.`,
       if (flag(args, 'json')) out(JSON.stringify(report, null, 2));
       else {
         out(`${report.resumed ? 'Finished' : 'Made'} stamp run ${report.runId} for batch ${report.batch}: ${report.requested} devices` +
-          `${report.resumed ? ` (${report.rewritten} rewritten from the interrupted run, ${report.generated} new)` : ''} in ${report.seconds.toFixed(1)} s`);
+          `${!report.resumed ? '' : report.archive && report.rewritten + report.generated === 0 ? ' (the interrupted invocation had completed its archive)' : ` (${report.rewritten} rewritten from the interrupted run, ${report.generated} new)`} in ${report.seconds.toFixed(1)} s`);
         out(`Files:   ${report.archive ?? report.outDir}`);
         out(`Summary: ${report.summaryCsv}`);
       }
