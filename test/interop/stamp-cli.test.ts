@@ -139,4 +139,41 @@ describe('hallmark stamp (CLI, openssl)', () => {
     assert.equal(wrong.code, 1);
     assert.match(wrong.stderr, /STAMP_ARCHIVE_WRONG_KEY/);
   });
+
+  test('kill -9 in the middle of an encrypted run: the same command ships every stamp exactly once, in one archive', async () => {
+    const batch = ok(h('batch', 'create', '--product', 'plug', '--line', 'line-b', '--quota', '3000')).stdout.trim();
+    const factoryDir = join(dir, 'factory-kill');
+    ok(['stamp', 'factory-key', '--out', factoryDir]);
+    const out = join(dir, 'run-sealed-kill');
+    const command = h('stamp', 'generate', '--batch', batch, '--count', '3000', '--out', out, '--format', 'json', '--encrypt-to', join(factoryDir, 'factory.pem'));
+    const child = spawn(process.execPath, [BIN, ...command], { env: ENV, stdio: 'ignore' });
+    // Wait until some stamps are committed (the archive is still .partial), then kill -9.
+    for (let i = 0; i < 600; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      let n = 0;
+      try { const d = db(); n = (d.prepare('select count(*) as n from stamps where batch_id = ?').get(batch) as { n: number }).n; d.close(); } catch { /* not yet */ }
+      if (n > 300) break;
+    }
+    child.kill('SIGKILL');
+    await new Promise((r) => child.once('exit', r));
+    {
+      const d = db();
+      const made = (d.prepare('select count(*) as n from stamps where batch_id = ?').get(batch) as { n: number }).n;
+      d.close();
+      assert.ok(made > 0 && made < 3000, `interrupted part way (${made} stamps)`);
+    }
+    assert.ok(readdirSync(out).every((f) => !f.endsWith('.hsa')), 'no archive in place before the run finished');
+    assert.match(ok(command).stdout, /^Finished stamp run/);
+    const parts = readdirSync(out).filter((f) => f.endsWith('.hsa') || f.endsWith('.partial'));
+    assert.equal(parts.length, 1, `one archive, no torn part: ${parts.join(', ')}`);
+    const opened = join(dir, 'opened-kill');
+    ok(['stamp', 'open', join(out, parts[0]!), '--key', join(factoryDir, 'factory.key'), '--trust', join(dir, 'root.pem'), '--out', opened]);
+    const d = db();
+    const serials = (d.prepare('select serial_number from devices where batch_id = ?').all(batch) as { serial_number: string }[]).map((r) => r.serial_number);
+    const kept = (d.prepare('select count(*) as n from stamps where batch_id = ? and pending is not null').get(batch) as { n: number }).n;
+    d.close();
+    assert.equal(serials.length, 3000);
+    assert.equal(kept, 0, 'no secret kept once the run is complete');
+    assert.deepEqual(readdirSync(opened).filter((f) => f.endsWith('.json')).sort(), serials.map((s) => `${s}.json`).sort());
+  });
 });
