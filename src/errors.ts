@@ -58,6 +58,7 @@ export const ERROR_CODES = {
   RATE_LIMITED: { status: 429, meaning: 'Too many requests from this client or with this claim; retry after the time given.' },
   AUDIT_CHAIN_BROKEN: { status: 500, meaning: 'The audit log hash chain does not verify.' },
   STAMP_RUN_UNFINISHED: { status: 409, meaning: 'The batch has an unfinished stamp run with other settings; run that command again to finish it first.' },
+  STAMP_RUN_BUSY: { status: 409, meaning: "Another process is making this batch's stamp run; wait for it (or stop it) and run the command again." },
   STAMP_INVALID: { status: 400, meaning: 'The stamp file (json, tlv or nvs) is malformed, truncated, over its size limit or fails a check; the message names the field or record.' },
   STAMP_ARCHIVE_INVALID: { status: 400, meaning: 'The stamp archive is not an archive, is truncated, or was changed after signing; the message names what is wrong.' },
   STAMP_ARCHIVE_WRONG_KEY: { status: 400, meaning: 'The stamp archive is encrypted to another factory key (the message names the key it was made for), or the key given is not a P-256 factory key.' },

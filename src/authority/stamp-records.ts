@@ -74,6 +74,8 @@ export async function forgetStampSecrets(trx: Transaction<Database>, dialect: Di
 export const STORE_STAMP_CHUNK = defineProcedure(import.meta.url, 'storeStampChunk', async (trx, dialect, c: StampChunk) => {
   const now = nowIso();
   await markStampsWritten(trx, dialect, c.written, now);
+  // The owner's heartbeat: another host takes an unfinished run over only after it has gone quiet.
+  await rawSql(trx, dialect, 'update stamp_runs set heartbeat_at = ? where id = ?', [now, c.runId]);
   const n = c.rows.length;
   // The quota for the whole chunk at once, atomically: the UPDATE only applies below quota.
   const taken = await rawSql(trx, dialect, 'update batches set issued_count = issued_count + ? where id = ? and issued_count + ? <= quota', [n, c.batchId, n]);

@@ -21,6 +21,7 @@
 import { createCipheriv, createDecipheriv, createHash, createPrivateKey, createPublicKey, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
+import { hostname } from 'node:os';
 import { appendAudit } from '../audit/audit-log.js';
 import { HallmarkError } from '../errors.js';
 import { createArchiveWriter, publishArchive, sha256OfFile } from '../factory/archive.js';
@@ -239,34 +240,85 @@ function plainSink(writer: StampFileWriter, formats: readonly StampFormat[]): Si
 
 interface RunRow { id: string; requested: number; formats: string; out_dir: string; encrypt_to: string | null; archive_name: string | null; archive_sha256: string | null }
 
-async function openRun(authority: Authority, ctx: StampContext, options: StampGenerateOptions, outDir: string, encryptTo: string | null): Promise<{ run: RunRow; resumed: boolean }> {
+/** A run's owner is presumed gone after this long without a chunk committed (another host, or a reused pid). */
+const OWNER_STALE_MS = 10 * 60 * 1000;
+
+/** Who makes a run: host, pid and a token of this invocation (two in one process differ by the token). */
+function newOwner(): string {
+  return `${hostname()} ${process.pid} ${randomBytes(6).toString('hex')}`;
+}
+
+/**
+ * Whether a run's recorded owner may still be making it: a process of this host that is alive, or a
+ * process of another host that committed a chunk recently. A kill -9 frees the run at once on the same
+ * host (the pid is gone); a finished or failed invocation clears its owner itself.
+ */
+function ownerAlive(owner: string | null, heartbeatAt: string | null): boolean {
+  if (!owner) return false;
+  if (heartbeatAt && Date.now() - new Date(heartbeatAt).getTime() > OWNER_STALE_MS) return false;
+  const [host, pidText] = owner.split(' ');
+  if (host !== hostname()) return true;
+  const pid = Number(pidText);
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Finds the batch's unfinished run (to resume) or starts one, and makes this invocation its owner, in
+ * one write transaction (the store's write lock orders two invocations that start together). Refuses a
+ * run that another live process is making (STAMP_RUN_BUSY) — two makers would collide on sequence
+ * numbers and files —, one with other settings (STAMP_RUN_UNFINISHED), and a new one beyond the quota.
+ */
+async function openRun(authority: Authority, ctx: StampContext, options: StampGenerateOptions, outDir: string, encryptTo: string | null, owner: string): Promise<{ run: RunRow; resumed: boolean }> {
   const formats = options.formats.join(',');
-  const existing = await authority.store.db.selectFrom('stamp_runs').select(['id', 'requested', 'formats', 'out_dir', 'encrypt_to', 'archive_name', 'archive_sha256']).where('batch_id', '=', ctx.batchId).where('status', '=', 'running').executeTakeFirst();
-  if (existing) {
-    const differs = [
-      existing.out_dir !== outDir && `it writes to ${existing.out_dir}`,
-      Number(existing.requested) !== options.count && `it was asked for ${existing.requested} stamps`,
-      existing.formats !== formats && `its formats are ${existing.formats}`,
-      existing.encrypt_to !== encryptTo && (existing.encrypt_to ? 'it is encrypted to another factory key' : 'it is not encrypted'),
-    ].filter(Boolean);
-    if (differs.length > 0) {
-      throw new HallmarkError('STAMP_RUN_UNFINISHED', `batch ${ctx.batchId} has an unfinished stamp run ${existing.id} (${differs.join('; ')}): run the same command again to finish it first`);
+  const opened = await authority.store.writeTransaction(async (trx): Promise<{ run: RunRow; resumed: boolean } | { left: number }> => {
+    const now = nowIso();
+    const existing = await trx.selectFrom('stamp_runs').select(['id', 'requested', 'formats', 'out_dir', 'encrypt_to', 'archive_name', 'archive_sha256', 'owner', 'heartbeat_at'])
+      .where('batch_id', '=', ctx.batchId).where('status', '=', 'running').executeTakeFirst();
+    if (existing) {
+      const differs = [
+        existing.out_dir !== outDir && `it writes to ${existing.out_dir}`,
+        Number(existing.requested) !== options.count && `it was asked for ${existing.requested} stamps`,
+        existing.formats !== formats && `its formats are ${existing.formats}`,
+        existing.encrypt_to !== encryptTo && (existing.encrypt_to ? 'it is encrypted to another factory key' : 'it is not encrypted'),
+      ].filter(Boolean);
+      if (differs.length > 0) {
+        throw new HallmarkError('STAMP_RUN_UNFINISHED', `batch ${ctx.batchId} has an unfinished stamp run ${existing.id} (${differs.join('; ')}): run the same command again to finish it first`);
+      }
+      if (ownerAlive(existing.owner, existing.heartbeat_at)) {
+        const [host, pid] = existing.owner!.split(' ');
+        throw new HallmarkError('STAMP_RUN_BUSY', `stamp run ${existing.id} of batch ${ctx.batchId} is being made by another process (pid ${pid} on ${host}, last chunk ${existing.heartbeat_at ?? 'not yet'}): wait for it to finish, or stop it and run the same command again`);
+      }
+      await trx.updateTable('stamp_runs').set({ owner, heartbeat_at: now }).where('id', '=', existing.id).execute();
+      await appendAudit(trx, [{ actor: options.actor, action: 'stamp.resume', target: existing.id, details: { batch: ctx.batchId } }]);
+      const { owner: _owner, heartbeat_at: _heartbeat, ...run } = existing;
+      return { run: { ...run, requested: Number(existing.requested) }, resumed: true };
     }
-    await authority.audit([{ actor: options.actor, action: 'stamp.resume', target: existing.id, details: { batch: ctx.batchId } }]);
-    return { run: { ...existing, requested: Number(existing.requested) }, resumed: true };
-  }
-  const left = ctx.quota - ctx.issuedCount;
-  if (options.count > left) {
-    await authority.audit([{ actor: options.actor, action: 'issuance.quota_exceeded', target: ctx.batchId, details: { batch: ctx.batchId, requested: options.count, left, source: 'stamp' } }]);
-    throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has ${left} of its quota of ${ctx.quota} left; ${options.count} stamps were asked for (line ${ctx.lineName})`);
-  }
-  const run: RunRow = { id: `s-${randomBytes(6).toString('hex')}`, requested: options.count, formats, out_dir: outDir, encrypt_to: encryptTo, archive_name: null, archive_sha256: null };
-  await authority.store.writeTransaction(async (trx) => {
-    await trx.insertInto('stamp_runs').values({ ...run, batch_id: ctx.batchId, status: 'running', created_by: options.actor, created_at: nowIso(), completed_at: null }).execute();
-    if (!(await trx.selectFrom('tenants').select('name').where('name', '=', DEFAULT_TENANT).executeTakeFirst())) await trx.insertInto('tenants').values({ name: DEFAULT_TENANT, created_at: nowIso() }).execute();
+    const left = ctx.quota - ctx.issuedCount;
+    if (options.count > left) return { left };
+    const run: RunRow = { id: `s-${randomBytes(6).toString('hex')}`, requested: options.count, formats, out_dir: outDir, encrypt_to: encryptTo, archive_name: null, archive_sha256: null };
+    await trx.insertInto('stamp_runs').values({ ...run, batch_id: ctx.batchId, status: 'running', created_by: options.actor, created_at: now, completed_at: null, owner, heartbeat_at: now }).execute();
+    if (!(await trx.selectFrom('tenants').select('name').where('name', '=', DEFAULT_TENANT).executeTakeFirst())) await trx.insertInto('tenants').values({ name: DEFAULT_TENANT, created_at: now }).execute();
     await appendAudit(trx, [{ actor: options.actor, action: 'stamp.start', target: run.id, details: { batch: ctx.batchId, count: options.count, formats, outDir, encryptedToFactoryKey: encryptTo } }]);
+    return { run, resumed: false };
   });
-  return { run, resumed: false };
+  if ('left' in opened) {
+    await authority.audit([{ actor: options.actor, action: 'issuance.quota_exceeded', target: ctx.batchId, details: { batch: ctx.batchId, requested: options.count, left: opened.left, source: 'stamp' } }]);
+    throw new HallmarkError('QUOTA_EXCEEDED', `batch ${ctx.batchId} has ${opened.left} of its quota of ${ctx.quota} left; ${options.count} stamps were asked for (line ${ctx.lineName})`);
+  }
+  return opened;
+}
+
+/** Gives up ownership of an unfinished run (an invocation that failed), so the next one need not wait. */
+async function releaseRun(authority: Authority, runId: string, owner: string): Promise<void> {
+  await authority.store.writeTransaction(async (trx) => {
+    await trx.updateTable('stamp_runs').set({ owner: null }).where('id', '=', runId).where('owner', '=', owner).execute();
+  });
 }
 
 /**
@@ -358,7 +410,7 @@ async function completeRun(authority: Authority, r: { runId: string; batch: stri
     const now = nowIso();
     if (!r.archive) await markStampsWritten(trx, authority.store.dialect, r.written, now);
     await forgetStampSecrets(trx, authority.store.dialect, r.runId, now);
-    await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: now }).where('id', '=', r.runId).execute();
+    await trx.updateTable('stamp_runs').set({ status: 'complete', completed_at: now, owner: null }).where('id', '=', r.runId).execute();
     await appendAudit(trx, [{ actor: r.actor, action: 'stamp.complete', target: r.runId, details: { batch: r.batch, stamps: r.requested, generatedNow: r.generated, rewritten: r.rewritten, archive: r.archivePath ?? null, ...(r.fromFinishedArchive ? { fromFinishedArchive: true } : {}) } }]);
   });
 }
@@ -398,133 +450,140 @@ export async function generateStamps(authority: Authority, options: StampGenerat
   const outDir = resolve(options.outDir);
   const encryptTo = options.encryptTo ? createHash('sha256').update(options.encryptTo).digest('hex') : null;
   const issuer = await authority.signingCa(ctx.caName);
-  const { run, resumed } = await openRun(authority, ctx, options, outDir, encryptTo);
-  await mkdir(outDir, { recursive: true, mode: 0o700 });
-  const pendingKey = authority.fileKeys.deriveKey(PENDING_PURPOSE);
-  // SQLite: chunks commit on a writer thread (statements, WAL writes, fsync off the event loop) while
-  // this thread makes the next chunk. A no-op on PostgreSQL; stopped when the store closes.
-  authority.store.writeInBackground();
-  const maker: Maker = { ctx, issuer, org: authority.config.org };
-
-  // An encrypted run writes one archive per invocation; a torn one from a killed invocation is removed.
-  let archive: Awaited<ReturnType<typeof createArchiveWriter>> | undefined;
-  let fileWriter: StampFileWriter | undefined;
-  let archivePath: string | undefined;
-  if (options.encryptTo && run.archive_name) {
-    const finished = await finishedArchive(authority, run, outDir);
-    if (finished) {
-      // The invocation before finished the archive (every stamp of the run is in it) and was stopped before
-      // its last commit: complete the run from that archive rather than write every stamp again.
-      const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
-      await writeSummary(authority, ctx.batchId, run.id, summaryCsv, false);
-      await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated: 0, rewritten: 0, archivePath: finished, written: [], archive: true, fromFinishedArchive: true });
-      return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten: 0, generated: 0, outDir, summaryCsv, archive: finished, seconds: (performance.now() - started) / 1000 };
-    }
-  }
-  if (options.encryptTo) {
-    for (const name of await readdir(outDir)) if (name.startsWith(`stamps-${run.id}`) && name.endsWith('.partial')) await rm(join(outDir, name), { force: true });
-    const parts = (await readdir(outDir)).filter((n) => n.startsWith(`stamps-${run.id}-`) && n.endsWith('.hsa')).length;
-    archivePath = join(outDir, `stamps-${run.id}-${parts + 1}.hsa`);
-    archive = await createArchiveWriter({
-      path: archivePath, recipientPublicKeySpki: options.encryptTo, signer: issuer.signer, signerCertificateChain: issuer.chain,
-      info: { batch: ctx.batchId, run: run.id, part: parts + 1, product: ctx.productName, formats: run.formats },
-    });
-  }
-  const sink: Sink = archive
-    ? { async write(stamps) { for (const s of stamps) for (const f of fileNames(s, formats)) await archive!.add(f.name, f.format.encode(s)); } }
-    : plainSink(fileWriter = new StampFileWriter(outDir), formats);
-
+  const owner = newOwner();
+  const { run, resumed } = await openRun(authority, ctx, options, outDir, encryptTo, owner);
+  // From here on, a failure gives the run back (the next invocation need not prove this one dead).
   try {
-    const counts = await authority.store.db.selectFrom('stamps').select((eb) => [eb.fn.countAll<number>().as('made'), eb.fn.count<number>('written_at').as('written'), eb.fn.max<number>('seq').as('last')])
-      .where('run_id', '=', run.id).executeTakeFirstOrThrow();
-    let made = Number(counts.made);
-    let done = Number(counts.written);
-    options.onProgress?.({ done, total: run.requested });
+    await mkdir(outDir, { recursive: true, mode: 0o700 });
+    const pendingKey = authority.fileKeys.deriveKey(PENDING_PURPOSE);
+    // SQLite: chunks commit on a writer thread (statements, WAL writes, fsync off the event loop) while
+    // this thread makes the next chunk. A no-op on PostgreSQL; stopped when the store closes.
+    authority.store.writeInBackground();
+    const maker: Maker = { ctx, issuer, org: authority.config.org };
 
-    // 1. What an interrupted invocation committed but did not write.
-    let rewritten = 0;
-    for await (const stamps of pendingStamps(authority, run.id, ctx, authority.config.org, issuer.chain, pendingKey)) {
-      await sink.write(stamps);
-      if (!archive) await authority.store.writeTransaction((trx) => markStampsWritten(trx, authority.store.dialect, stamps.map((s) => s.udid), nowIso()));
-      rewritten += stamps.length;
-      done += stamps.length;
+    // An encrypted run writes one archive per invocation; a torn one from a killed invocation is removed.
+    let archive: Awaited<ReturnType<typeof createArchiveWriter>> | undefined;
+    let fileWriter: StampFileWriter | undefined;
+    let archivePath: string | undefined;
+    if (options.encryptTo && run.archive_name) {
+      const finished = await finishedArchive(authority, run, outDir);
+      if (finished) {
+        // The invocation before finished the archive (every stamp of the run is in it) and was stopped before
+        // its last commit: complete the run from that archive rather than write every stamp again.
+        const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
+        await writeSummary(authority, ctx.batchId, run.id, summaryCsv, false);
+        await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated: 0, rewritten: 0, archivePath: finished, written: [], archive: true, fromFinishedArchive: true });
+        return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten: 0, generated: 0, outDir, summaryCsv, archive: finished, seconds: (performance.now() - started) / 1000 };
+      }
+    }
+    if (options.encryptTo) {
+      for (const name of await readdir(outDir)) if (name.startsWith(`stamps-${run.id}`) && name.endsWith('.partial')) await rm(join(outDir, name), { force: true });
+      const parts = (await readdir(outDir)).filter((n) => n.startsWith(`stamps-${run.id}-`) && n.endsWith('.hsa')).length;
+      archivePath = join(outDir, `stamps-${run.id}-${parts + 1}.hsa`);
+      archive = await createArchiveWriter({
+        path: archivePath, recipientPublicKeySpki: options.encryptTo, signer: issuer.signer, signerCertificateChain: issuer.chain,
+        info: { batch: ctx.batchId, run: run.id, part: parts + 1, product: ctx.productName, formats: run.formats },
+      });
+    }
+    const sink: Sink = archive
+      ? { async write(stamps) { for (const s of stamps) for (const f of fileNames(s, formats)) await archive!.add(f.name, f.format.encode(s)); } }
+      : plainSink(fileWriter = new StampFileWriter(outDir), formats);
+
+    try {
+      const counts = await authority.store.db.selectFrom('stamps').select((eb) => [eb.fn.countAll<number>().as('made'), eb.fn.count<number>('written_at').as('written'), eb.fn.max<number>('seq').as('last')])
+        .where('run_id', '=', run.id).executeTakeFirstOrThrow();
+      let made = Number(counts.made);
+      let done = Number(counts.written);
       options.onProgress?.({ done, total: run.requested });
-    }
 
-    // 2. The rest, chunk by chunk: the next chunk is made while this one is stored and written.
-    const lastSeq = await authority.store.db.selectFrom('stamps').select((eb) => eb.fn.max<number>('seq').as('last')).where('batch_id', '=', ctx.batchId).executeTakeFirstOrThrow();
-    let nextSeq = Number(lastSeq.last ?? 0) + 1;
-    const chunkSize = Math.max(1, Math.min(options.chunkSize ?? DEFAULT_CHUNK, 2000));
-    let generated = 0;
-    // UDIDs whose files are written and whose secrets the next commit clears.
-    let written: string[] = [];
-    const issuerId = Number(issuer.row.id);
-    const take = (): Promise<Prepared[]> | undefined => {
-      const n = Math.min(chunkSize, run.requested - made);
-      if (n <= 0) return undefined;
-      const p = prepareChunk(maker, nextSeq, n);
-      nextSeq += n;
-      made += n;
-      return p;
-    };
-    // Three stages overlap, each on its own thread: this thread makes chunk k+2 (keys and signatures, with
-    // the libuv pool) while chunk k+1 commits (SQLite writer thread) and chunk k's files are written (file
-    // writer thread). Order is kept: a chunk commits after the one before it, its files start only after
-    // its commit, and its secrets are cleared by the first commit after its files are complete. At most
-    // IN_FLIGHT chunks are made but not yet written, so memory stays flat in N.
-    let committed: Promise<void> = Promise.resolve();
-    let lastFiles: Promise<void> = Promise.resolve();
-    const inFlight: Promise<void>[] = [];
-    let failure: unknown;
-    const fail = (err: unknown): void => { failure ??= err; };
-    for (let preparing = take(); preparing;) {
-      const chunk = await preparing;
-      if (failure) throw failure;
-      preparing = take();
-      // A failure in the chunk being prepared must not surface as an unhandled rejection meanwhile.
-      preparing?.catch(() => {});
-      const commit = committed.then(() => {
-        if (failure) throw failure;
-        const clear = archive ? [] : written;
-        written = [];
-        return storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: clear })
-          .catch((err: unknown) => { written = [...clear, ...written]; throw err; });
-      });
-      const files = Promise.all([commit, lastFiles]).then(async () => {
-        await sink.write(chunk.map((p) => p.stamp));
-        for (const p of chunk) written.push(p.stamp.udid);
-        done += chunk.length;
+      // 1. What an interrupted invocation committed but did not write.
+      let rewritten = 0;
+      for await (const stamps of pendingStamps(authority, run.id, ctx, authority.config.org, issuer.chain, pendingKey)) {
+        await sink.write(stamps);
+        if (!archive) await authority.store.writeTransaction((trx) => markStampsWritten(trx, authority.store.dialect, stamps.map((s) => s.udid), nowIso()));
+        rewritten += stamps.length;
+        done += stamps.length;
         options.onProgress?.({ done, total: run.requested });
-      });
-      committed = commit.catch((err: unknown) => { fail(err); });
-      lastFiles = files.catch((err: unknown) => { fail(err); });
-      inFlight.push(lastFiles);
-      generated += chunk.length;
-      if (inFlight.length >= IN_FLIGHT) await inFlight.shift();
-      if (failure) throw failure;
-    }
-    await Promise.all([committed, lastFiles]);
-    if (failure) throw failure;
+      }
 
-    // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
-    const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
-    const summary = await writeSummary(authority, ctx.batchId, run.id, summaryCsv, !!archive);
-    if (archive) {
-      await archive.add(`stamps-${run.id}.csv`, summary!);
-      // Named in the store before it is renamed into place: a kill between the rename and the commit
-      // below is finished from this archive next time (finishedArchive) instead of repeating its stamps.
-      const name = basename(archivePath!);
-      await archive.finish((finished) => authority.store.writeTransaction(async (trx) => {
-        await trx.updateTable('stamp_runs').set({ archive_name: name, archive_sha256: finished.sha256 }).where('id', '=', run.id).execute();
-      }));
+      // 2. The rest, chunk by chunk: the next chunk is made while this one is stored and written.
+      const lastSeq = await authority.store.db.selectFrom('stamps').select((eb) => eb.fn.max<number>('seq').as('last')).where('batch_id', '=', ctx.batchId).executeTakeFirstOrThrow();
+      let nextSeq = Number(lastSeq.last ?? 0) + 1;
+      const chunkSize = Math.max(1, Math.min(options.chunkSize ?? DEFAULT_CHUNK, 2000));
+      let generated = 0;
+      // UDIDs whose files are written and whose secrets the next commit clears.
+      let written: string[] = [];
+      const issuerId = Number(issuer.row.id);
+      const take = (): Promise<Prepared[]> | undefined => {
+        const n = Math.min(chunkSize, run.requested - made);
+        if (n <= 0) return undefined;
+        const p = prepareChunk(maker, nextSeq, n);
+        nextSeq += n;
+        made += n;
+        return p;
+      };
+      // Three stages overlap, each on its own thread: this thread makes chunk k+2 (keys and signatures, with
+      // the libuv pool) while chunk k+1 commits (SQLite writer thread) and chunk k's files are written (file
+      // writer thread). Order is kept: a chunk commits after the one before it, its files start only after
+      // its commit, and its secrets are cleared by the first commit after its files are complete. At most
+      // IN_FLIGHT chunks are made but not yet written, so memory stays flat in N.
+      let committed: Promise<void> = Promise.resolve();
+      let lastFiles: Promise<void> = Promise.resolve();
+      const inFlight: Promise<void>[] = [];
+      let failure: unknown;
+      const fail = (err: unknown): void => { failure ??= err; };
+      for (let preparing = take(); preparing;) {
+        const chunk = await preparing;
+        if (failure) throw failure;
+        preparing = take();
+        // A failure in the chunk being prepared must not surface as an unhandled rejection meanwhile.
+        preparing?.catch(() => {});
+        const commit = committed.then(() => {
+          if (failure) throw failure;
+          const clear = archive ? [] : written;
+          written = [];
+          return storeChunk(authority, { runId: run.id, ctx, issuerId, chunk, pendingKey, actor: options.actor, written: clear })
+            .catch((err: unknown) => { written = [...clear, ...written]; throw err; });
+        });
+        const files = Promise.all([commit, lastFiles]).then(async () => {
+          await sink.write(chunk.map((p) => p.stamp));
+          for (const p of chunk) written.push(p.stamp.udid);
+          done += chunk.length;
+          options.onProgress?.({ done, total: run.requested });
+        });
+        committed = commit.catch((err: unknown) => { fail(err); });
+        lastFiles = files.catch((err: unknown) => { fail(err); });
+        inFlight.push(lastFiles);
+        generated += chunk.length;
+        if (inFlight.length >= IN_FLIGHT) await inFlight.shift();
+        if (failure) throw failure;
+      }
+      await Promise.all([committed, lastFiles]);
+      if (failure) throw failure;
+
+      // 3. Summary, archive, and the run marked complete (with the last pending secrets cleared).
+      const summaryCsv = join(outDir, `stamps-${run.id}.csv`);
+      const summary = await writeSummary(authority, ctx.batchId, run.id, summaryCsv, !!archive);
+      if (archive) {
+        await archive.add(`stamps-${run.id}.csv`, summary!);
+        // Named in the store before it is renamed into place: a kill between the rename and the commit
+        // below is finished from this archive next time (finishedArchive) instead of repeating its stamps.
+        const name = basename(archivePath!);
+        await archive.finish((finished) => authority.store.writeTransaction(async (trx) => {
+          await trx.updateTable('stamp_runs').set({ archive_name: name, archive_sha256: finished.sha256 }).where('id', '=', run.id).execute();
+        }));
+      }
+      await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated, rewritten, archivePath, written, archive: !!archive });
+      return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten, generated, outDir, summaryCsv, ...(archivePath ? { archive: archivePath } : {}), seconds: (performance.now() - started) / 1000 };
+    } catch (err) {
+      await archive?.abort().catch(() => {});
+      throw err;
+    } finally {
+      await fileWriter?.close();
     }
-    await completeRun(authority, { runId: run.id, batch: ctx.batchId, outDir, actor: options.actor, requested: run.requested, generated, rewritten, archivePath, written, archive: !!archive });
-    return { runId: run.id, batch: ctx.batchId, requested: run.requested, resumed, rewritten, generated, outDir, summaryCsv, ...(archivePath ? { archive: archivePath } : {}), seconds: (performance.now() - started) / 1000 };
   } catch (err) {
-    await archive?.abort().catch(() => {});
+    await releaseRun(authority, run.id, owner).catch(() => {});
     throw err;
-  } finally {
-    await fileWriter?.close();
   }
 }
 

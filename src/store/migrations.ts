@@ -423,16 +423,22 @@ function migrations(dialect: Dialect): Record<string, Migration> {
         await sql`create index devices_state on devices (state, udid)`.execute(db);
       },
     },
-    '0009_stamp_archive_parts': {
+    '0009_stamp_run_archive_and_owner': {
       // An encrypted stamp run names its archive (and the archive's SHA-256) in the store before the
       // archive is renamed into place, so that an invocation killed between that rename and the run's
       // last commit is finished from that archive on the next one instead of writing every stamp again
-      // into a second part.
+      // into a second part. A run also names the process making it (owner, heartbeat at every chunk), so
+      // that a second `stamp generate` for the batch is refused while the first is alive instead of
+      // colliding with it.
       async up(db: Kysely<unknown>) {
         await sql`alter table stamp_runs add column archive_name text`.execute(db);
         await sql`alter table stamp_runs add column archive_sha256 text`.execute(db);
+        await sql`alter table stamp_runs add column owner text`.execute(db);
+        await sql`alter table stamp_runs add column heartbeat_at text`.execute(db);
       },
       async down(db: Kysely<unknown>) {
+        await sql`alter table stamp_runs drop column heartbeat_at`.execute(db);
+        await sql`alter table stamp_runs drop column owner`.execute(db);
         await sql`alter table stamp_runs drop column archive_sha256`.execute(db);
         await sql`alter table stamp_runs drop column archive_name`.execute(db);
       },

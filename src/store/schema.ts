@@ -226,6 +226,10 @@ export interface StampRunsTable {
    */
   archive_name: ColumnType<string | null, string | null | undefined, string | null>;
   archive_sha256: ColumnType<string | null, string | null | undefined, string | null>;
+  /** The process making the run: `host pid token` (migration 0009); null once none is. */
+  owner: ColumnType<string | null, string | null | undefined, string | null>;
+  /** When the owner last committed a chunk (ISO 8601). */
+  heartbeat_at: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface StampsTable {

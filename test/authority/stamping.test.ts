@@ -5,6 +5,8 @@
 import assert from 'node:assert/strict';
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { appendFileSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { hostname } from 'node:os';
 import { basename, join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { CompiledQuery } from 'kysely';
@@ -275,6 +277,48 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       const run = await db.selectFrom('stamp_runs').select(['status', 'archive_name']).where('batch_id', '=', batch).executeTakeFirstOrThrow();
       assert.equal(run.status, 'complete');
       assert.equal(run.archive_name, basename(report.archive));
+    });
+
+    await t.test('two invocations for one batch at once: the second is refused with STAMP_RUN_BUSY instead of colliding with the first', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const options = { batch, count: 60, outDir: join(target.dir, 'stamps-twice'), formats: ['json'] as 'json'[], actor: 'test', chunkSize: 16 };
+      const [first, second] = await Promise.allSettled([generateStamps(authority, options), generateStamps(authority, options)]);
+      const outcomes = [first, second].map((o) => o.status);
+      assert.deepEqual(outcomes.slice().sort(), ['fulfilled', 'rejected'], outcomes.join());
+      const refused = (first.status === 'rejected' ? first : second) as PromiseRejectedResult;
+      assert.ok(hasCode('STAMP_RUN_BUSY')(refused.reason), String(refused.reason));
+      assert.match((refused.reason as Error).message, new RegExp(`pid ${process.pid}`));
+      const runs = await db.selectFrom('stamp_runs').select(['status', 'owner']).where('batch_id', '=', batch).execute();
+      assert.deepEqual(runs.map((r) => [r.status, r.owner]), [['complete', null]]);
+      assert.equal((await db.selectFrom('stamps').select('udid').where('batch_id', '=', batch).execute()).length, 60);
+    });
+
+    await t.test('an unfinished run is taken over when its owner is gone (a dead pid here, or another host gone quiet) but not while it may be alive', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const options = { batch, count: 40, outDir: join(target.dir, 'stamps-owner'), formats: ['json'] as 'json'[], actor: 'test', chunkSize: 16 };
+      await assert.rejects(generateStamps(authority, { ...options, onProgress: (p) => { if (p.done >= 16) throw new Error('stopped'); } }), /stopped/);
+      const run = await db.selectFrom('stamp_runs').select(['id', 'owner']).where('batch_id', '=', batch).executeTakeFirstOrThrow();
+      assert.equal(run.owner, null, 'a failed invocation gives its run back');
+      const setOwner = (owner: string, heartbeatAt: string) => db.updateTable('stamp_runs').set({ owner, heartbeat_at: heartbeatAt }).where('id', '=', run.id).execute();
+      const now = new Date().toISOString();
+      await setOwner(`another-host.example 4242 abcdef`, now);
+      await assert.rejects(generateStamps(authority, options), (err: Error) => hasCode('STAMP_RUN_BUSY')(err) && /pid 4242 on another-host\.example/.test(err.message));
+      await setOwner(`${hostname()} ${process.pid} abcdef`, now);
+      await assert.rejects(generateStamps(authority, options), hasCode('STAMP_RUN_BUSY'));
+      const exited = spawnSync(process.execPath, ['-e', '0']).pid!;
+      await setOwner(`${hostname()} ${exited} abcdef`, now);
+      const report = await generateStamps(authority, options);
+      assert.equal(report.resumed, true);
+      assert.equal(report.rewritten + report.generated, 40);
+    });
+
+    await t.test('another host that has not committed a chunk for over ten minutes no longer holds the run', async () => {
+      const batch = await registry.createBatch({ product: 'plug', line: 'line-b', quota: 100, actor: 'test' });
+      const options = { batch, count: 20, outDir: join(target.dir, 'stamps-quiet-host'), formats: ['json'] as 'json'[], actor: 'test', chunkSize: 16 };
+      await assert.rejects(generateStamps(authority, { ...options, onProgress: (p) => { if (p.done >= 16) throw new Error('stopped'); } }), /stopped/);
+      await db.updateTable('stamp_runs').set({ owner: 'another-host.example 4242 abcdef', heartbeat_at: new Date(Date.now() - 11 * 60_000).toISOString() }).where('batch_id', '=', batch).execute();
+      const report = await generateStamps(authority, options);
+      assert.equal(report.resumed, true);
     });
   } finally {
     await authority.close();

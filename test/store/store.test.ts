@@ -54,7 +54,7 @@ forEachDialect('store', async (t, target) => {
     await again.migrate();
     const third = await target.openStore();
     const migrations = await sql<{ name: string }>`select name from kysely_migration order by name`.execute(third.db);
-    assert.deepEqual(migrations.rows.map((r) => r.name), ['0001_foundation', '0002_registry', '0003_enrolment', '0004_revocation', '0005_stamps', '0006_stations', '0007_est_indexes', '0008_device_indexes', '0009_stamp_archive_parts']);
+    assert.deepEqual(migrations.rows.map((r) => r.name), ['0001_foundation', '0002_registry', '0003_enrolment', '0004_revocation', '0005_stamps', '0006_stations', '0007_est_indexes', '0008_device_indexes', '0009_stamp_run_archive_and_owner']);
     assert.equal(await countCerts(third, caId), 1);
     await again.close();
     await third.close();
