@@ -58,6 +58,8 @@ export interface CertificateOrder {
   readonly permittedDns?: readonly string[];
   /** CA profiles: permitted directoryName subtrees (encoded Names), e.g. a factory station's batch. */
   readonly permittedDirectoryNames?: readonly Buffer[];
+  /** A factory station's sub-CA: the SHA-256 of its package manifest (extensions.ts EXT.stationManifest). */
+  readonly stationManifestSha256?: Buffer;
 }
 
 export interface SignedCertificate {
@@ -101,6 +103,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     pathLen: order.pathLen,
     permittedDns: order.permittedDns,
     permittedDirectoryNames: order.permittedDirectoryNames,
+    stationManifestSha256: order.stationManifestSha256,
     pointers: ca.pointers,
   });
   const issuer = selfSigned ? order.subject : ca.subject;
@@ -124,6 +127,7 @@ export async function signCertificate(ca: SigningCa, order: CertificateOrder, se
     altNamesPresent: !!a && [a.dns, a.ip, a.uri, a.email].some((l) => (l?.length ?? 0) > 0),
     nameConstraintsPresent: (order.permittedDns?.length ?? 0) + (order.permittedDirectoryNames?.length ?? 0) > 0,
     pointerExtensions: pointerExtensions(profile, ca.pointers),
+    stationManifestSha256: order.stationManifestSha256,
   });
   return { der, parsed, serialHex };
 }

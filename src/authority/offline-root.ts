@@ -214,6 +214,8 @@ export class OfflineRoot {
    */
   async signIntermediate(options: {
     csr: string | Buffer; pathLen?: number; validityDays?: number; permittedDns?: readonly string[]; permittedDirectoryNames?: readonly string[]; notAfter?: Date;
+    /** A factory station's sub-CA: the SHA-256 of its package's station.json, bound into the certificate. */
+    stationManifestSha256?: Buffer;
   }): Promise<{ der: Buffer; serial: string; subject: string; notAfter: Date }> {
     if (options.notAfter !== undefined && options.validityDays !== undefined) throw new HallmarkError('BAD_REQUEST', 'give either a validity in days or a notAfter date, not both');
     const cutAt = options.notAfter;
@@ -244,6 +246,7 @@ export class OfflineRoot {
       validityDays: cutAt ? Math.min(PROFILES.intermediate.maxValidityDays, Math.max(1, Math.ceil((cutAt.getTime() - Date.now()) / 86_400_000) + 1)) : options.validityDays,
       permittedDns: options.permittedDns,
       permittedDirectoryNames: directoryNames,
+      stationManifestSha256: options.stationManifestSha256,
     });
     const subject = nameToString(csr.subject);
     // Journal first: a certificate that leaves the ceremony is always on record.

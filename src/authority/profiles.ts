@@ -7,7 +7,7 @@ import type { KeyAlgorithm } from '../pki/algorithms.js';
 import { serialToHex, type ParsedCertificate } from '../pki/certificate.js';
 import {
   EKU, EXT, authorityKeyIdentifier, basicConstraints, decodeAuthorityKeyId, decodeBasicConstraints, decodeKeyUsage,
-  authorityInfoAccess, crlDistributionPoints, extension, decodeOidSequence, decodeSubjectKeyId, extKeyUsage, keyIdentifier, keyUsage, nameConstraints, ocspNoCheck,
+  authorityInfoAccess, crlDistributionPoints, extension, decodeOidSequence, decodeStationManifestDigest, decodeSubjectKeyId, extKeyUsage, stationManifestExtension, keyIdentifier, keyUsage, nameConstraints, ocspNoCheck,
   subjectAltName, subjectKeyIdentifier, type AltNames, type KeyUsage,
 } from '../pki/extensions.js';
 
@@ -58,6 +58,8 @@ export interface ProfileInputs {
   /** Intermediate profile: permitted DNS subtrees / directory names. */
   readonly permittedDns?: readonly string[];
   readonly permittedDirectoryNames?: readonly Buffer[];
+  /** Name-constrained CA profiles (a factory station's sub-CA): the SHA-256 of its package manifest. */
+  readonly stationManifestSha256?: Buffer;
   /** Where relying parties find revocation status (end-entity profiles only): CRL Distribution Points and AIA. */
   readonly pointers?: RevocationPointers;
 }
@@ -101,6 +103,10 @@ export function extensionsFor(profile: CertificateProfile, inputs: ProfileInputs
   } else if (!profile.ca && (inputs.permittedDns?.length || inputs.permittedDirectoryNames?.length)) {
     throw new HallmarkError('PROFILE_VIOLATION', `name constraints apply only to CA certificates, not ${profile.name}`);
   }
+  if (inputs.stationManifestSha256) {
+    if (!profile.ca || !inputs.permittedDirectoryNames?.length) throw new HallmarkError('PROFILE_VIOLATION', 'a station manifest digest belongs only in a name-constrained sub-CA certificate (a factory station)');
+    out.push(stationManifestExtension(inputs.stationManifestSha256));
+  }
   return out;
 }
 
@@ -119,6 +125,8 @@ export interface ExpectedCertificate {
   readonly nameConstraintsPresent: boolean;
   /** The pointer extensions the certificate must carry, exactly (DER). */
   readonly pointerExtensions?: readonly { readonly oid: string; readonly der: Buffer }[];
+  /** The station manifest digest the certificate must carry, exactly. */
+  readonly stationManifestSha256?: Buffer;
 }
 
 /**
@@ -144,6 +152,7 @@ export function checkAgainstProfile(profile: CertificateProfile, cert: ParsedCer
   if (expected.altNamesPresent) want.add(EXT.subjectAltName);
   if (profile.ocspNoCheck) want.add(EXT.ocspNoCheck);
   if (expected.nameConstraintsPresent) want.add(EXT.nameConstraints);
+  if (expected.stationManifestSha256) want.add(EXT.stationManifest);
   const pointers = new Map<string, Buffer>((expected.pointerExtensions ?? []).map((e) => [e.oid, e.der]));
   for (const oid of pointers.keys()) want.add(oid);
   for (const oid of cert.extensions.keys()) if (!want.has(oid)) fail(`unexpected extension ${oid}`);
@@ -167,6 +176,10 @@ export function checkAgainstProfile(profile: CertificateProfile, cert: ParsedCer
   const aki = decodeAuthorityKeyId(cert.extensions.get(EXT.authorityKeyIdentifier)!.value);
   if (!aki || !aki.equals(expected.issuerKeyId)) fail('authorityKeyIdentifier');
   if (expected.nameConstraintsPresent && !cert.extensions.get(EXT.nameConstraints)!.critical) fail('nameConstraints must be critical');
+  if (expected.stationManifestSha256) {
+    const got = cert.extensions.get(EXT.stationManifest)!;
+    if (got.critical || !decodeStationManifestDigest(got.value).equals(expected.stationManifestSha256)) fail('station manifest digest');
+  }
   for (const [oid, der] of pointers) {
     const got = cert.extensions.get(oid)!;
     if (!extension(oid, got.critical, got.value).equals(der)) fail(`${oid === EXT.crlDistributionPoints ? 'cRLDistributionPoints' : 'authorityInfoAccess'} value`);

@@ -266,7 +266,8 @@ export async function createStation(authority: Authority, options: CreateStation
   const rootDir = options.rootDir ?? defaultRootDir(authority.home);
   const rootSignArgs = [
     'hallmark', 'root', 'sign', '--root-dir', rootDir, '--csr', join(packageDir, STATION_PACKAGE_FILES.request), '--path-len', '0',
-    '--permit-dn', subjectBase, '--not-after', description.validUntil, '--out', join(packageDir, STATION_PACKAGE_FILES.certificate),
+    '--permit-dn', subjectBase, '--not-after', description.validUntil, '--station-manifest', join(packageDir, STATION_PACKAGE_FILES.description),
+    '--out', join(packageDir, STATION_PACKAGE_FILES.certificate),
   ];
   return {
     id, ca: id, line: line.name, product: product.name, batch: batchId, quota, validUntil: description.validUntil, keyUri: keyRef.id,
@@ -436,7 +437,7 @@ export async function installStation(authority: Authority, options: { packageDir
   // And the package as a whole, exactly as the station will check it at init (src/station/package.ts).
   const chain = await authority.caChain(rootName, true);
   const roots = (await authority.directory.activeRoots()).map((r) => Buffer.from(r.certificate_der!));
-  checkStationPackage({ manifest: pkg, certificate: encodePem('CERTIFICATE', der), chain: chain.map((c) => encodePem('CERTIFICATE', c)).join('') }, { trustedRoots: roots });
+  checkStationPackage({ manifest: pkg, certificate: encodePem('CERTIFICATE', der), chain: chain.map((c) => encodePem('CERTIFICATE', c)).join('') }, { trustedRoots: roots, requireBoundManifest: true });
   const serial = serialToHex(Buffer.from(cert.serialHex, 'hex'));
   const subjectText = nameToString(cert.subject);
   const fingerprint = sha256Fingerprint(der);

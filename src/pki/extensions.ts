@@ -16,6 +16,13 @@ export const EXT = {
   extKeyUsage: '2.5.29.37',
   authorityInfoAccess: '1.3.6.1.5.5.7.1.1',
   ocspNoCheck: '1.3.6.1.5.5.7.48.1.5',
+  /**
+   * Hallmark's own, non-critical: the SHA-256 of a factory station's package manifest (station.json),
+   * written into the station's sub-CA certificate by the root ceremony, so the offline station and HQ
+   * can tell the quota, validity and device list the root signed off from an edited copy. Hallmark has
+   * no enterprise number: the OID is a UUID arc (ITU-T X.667, 2.25), minted once for this purpose.
+   */
+  stationManifest: '2.25.319757526690763988780952622331811686205',
 } as const;
 
 export const EKU = {
@@ -172,6 +179,18 @@ export function decodeAuthorityKeyId(value: Buffer): Buffer | undefined {
   const t = readWhole(value, TAG.SEQUENCE, 'AuthorityKeyIdentifier');
   const first = children(value, t)[0];
   return first && first.tag === 0x80 ? content(value, first) : undefined;
+}
+
+/** The station manifest extension's value: OCTET STRING (32 bytes, SHA-256). */
+export function stationManifestExtension(sha256: Buffer): Buffer {
+  if (sha256.length !== 32) throw new HallmarkError('BAD_REQUEST', 'a station manifest digest is 32 bytes (SHA-256)');
+  return extension(EXT.stationManifest, false, octetString(sha256));
+}
+
+export function decodeStationManifestDigest(value: Buffer): Buffer {
+  const digest = content(value, readWhole(value, TAG.OCTET_STRING, 'station manifest digest'));
+  if (digest.length !== 32) throw new HallmarkError('BAD_DER', `the station manifest digest is ${digest.length} bytes, not 32`);
+  return digest;
 }
 
 export function decodeSubjectKeyId(value: Buffer): Buffer {

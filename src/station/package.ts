@@ -2,7 +2,9 @@
 //
 //   PACKAGE/station.json   the manifest (format below), strictly checked: every field, no unknown field
 //   PACKAGE/station.pem    the station's sub-CA certificate: root-signed, pathLen 0, critical name
-//                          constraints permitting exactly deviceSubjectBase as a directoryName subtree
+//                          constraints permitting exactly deviceSubjectBase as a directoryName subtree,
+//                          and the SHA-256 of station.json (EXT.stationManifest: the root signs off the
+//                          quota, validity and device list, which the factory therefore cannot change)
 //   PACKAGE/chain.pem      the certificates above it up to and including the root, issuer first
 //
 // The online side (`hallmark station create` / `station install`) writes packages with
@@ -18,7 +20,7 @@ import { PROFILES } from '../authority/profiles.js';
 import { keyAlgorithmOf, publicKeyFromSpki, type KeyAlgorithm } from '../pki/algorithms.js';
 import { parseCertificate, type ParsedCertificate } from '../pki/certificate.js';
 import { TAG, children, content, oid, readTlv, readWhole, seq, set, utf8String, whole, type Tlv } from '../pki/der.js';
-import { EXT, decodeBasicConstraints, decodeKeyUsage, decodeSubjectKeyId, keyIdentifier } from '../pki/extensions.js';
+import { EXT, decodeBasicConstraints, decodeKeyUsage, decodeStationManifestDigest, decodeSubjectKeyId, keyIdentifier } from '../pki/extensions.js';
 import { decodeName, encodeNameString, nameToString, parseNameString } from '../pki/names.js';
 import { SIZE_LIMITS, decodePemBlocks, encodePem } from '../pki/pem.js';
 import { verifyIssuedBy } from '../pki/verify.js';
@@ -92,6 +94,8 @@ export interface StationPackage {
   readonly signsUntil: Date;
   /** Registered devices by publicKeySha256 (empty when devices is null). */
   readonly devicesByKey: ReadonlyMap<string, StationDevice>;
+  /** Whether station.pem carries the digest of station.json (checked: it matched). */
+  readonly manifestBound: boolean;
 }
 
 export interface PackageCheckOptions {
@@ -101,6 +105,12 @@ export interface PackageCheckOptions {
   readonly checkValidity?: boolean;
   /** DER root certificates: chain.pem's root must be one of them. */
   readonly trustedRoots?: readonly Buffer[];
+  /**
+   * Refuse a station.pem without the digest of station.json (EXT.stationManifest). Set where a package is
+   * installed (HQ's `station install`, the station's `station init`); an already initialised station made
+   * before the binding keeps working, and a digest that is present is always checked.
+   */
+  readonly requireBoundManifest?: boolean;
 }
 
 // ---------------------------------------------------------------- manifest
@@ -403,10 +413,23 @@ export function checkStationPackage(parts: { manifest: string | Buffer | Station
     for (let i = 0; i < path.length; i++) checkTime(path[i]!, i === 0 ? 'station.pem' : `chain.pem certificate ${i}`, now);
     if (validUntil <= now) throw new HallmarkError('STATION_EXPIRED', `the station package was valid until ${manifest.validUntil}`);
   }
+  // The root signed off this manifest (quota, validity, devices) when the certificate carries its digest;
+  // an edited station.json — a raised quota, say — no longer matches. Packages made before the binding
+  // (no digest in station.pem) are accepted as they were, and say so (manifestBound).
+  const bound = certificate.extensions.get(EXT.stationManifest);
+  if (bound) {
+    let digest: Buffer;
+    try { digest = decodeStationManifestDigest(bound.value); } catch (err) { throw invalid(`station.pem's station manifest digest cannot be read: ${(err as Error).message}`, err); }
+    if (!digest.equals(stationManifestDigest(manifest))) {
+      throw invalid('station.json is not the manifest the root signed off for station.pem (its quota, validity, batch or device list was changed): ask HQ for the package again');
+    }
+  } else if (options.requireBoundManifest) {
+    throw invalid('station.pem does not carry the digest of station.json (a package made before Hallmark bound the two): ask HQ for a new package');
+  }
   const signsUntil = new Date(Math.min(validUntil.getTime(), certificate.notAfter.getTime()));
   const devicesByKey = new Map<string, StationDevice>();
   for (const d of manifest.devices ?? []) devicesByKey.set(d.publicKeySha256, d);
-  return { manifest, certificate, chain, root, subjectBase: facts.subjectBase, keyId: facts.keyId, keyAlgorithm: facts.keyAlgorithm, signsUntil, devicesByKey };
+  return { manifest, certificate, chain, root, subjectBase: facts.subjectBase, keyId: facts.keyId, keyAlgorithm: facts.keyAlgorithm, signsUntil, devicesByKey, manifestBound: !!bound };
 }
 
 async function readLimited(path: string, limit: number, name: string): Promise<Buffer> {
@@ -448,6 +471,15 @@ export async function writeStationPackage(dir: string, pkg: { manifest: StationM
   await writeDurably(join(dir, PACKAGE_FILES.manifest), serializeManifest(pkg.manifest));
   if (pkg.chain) await writeDurably(join(dir, PACKAGE_FILES.chain), pkg.chain.map((c) => encodePem('CERTIFICATE', c)).join(''));
   if (pkg.certificate) await writeDurably(join(dir, PACKAGE_FILES.certificate), encodePem('CERTIFICATE', pkg.certificate));
+}
+
+/**
+ * What the root ceremony binds into the station's sub-CA certificate (EXT.stationManifest): the SHA-256
+ * of the manifest in its one serialised form, so reformatting the file changes nothing but any changed
+ * field — quota, validity, batch, device list — breaks the match.
+ */
+export function stationManifestDigest(manifest: StationManifest): Buffer {
+  return createHash('sha256').update(serializeManifest(manifest), 'utf8').digest();
 }
 
 /** The UDID of a device key when the batch has no device list: hex SHA-256 of the SPKI DER (as udidOfKey in the registry). */

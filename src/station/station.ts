@@ -643,7 +643,7 @@ export interface InitStationOptions {
  */
 export async function initStation(options: InitStationOptions): Promise<StationStatus> {
   const { dir } = options;
-  const pkg = await readStationPackage(options.packageDir);
+  const pkg = await readStationPackage(options.packageDir, { requireBoundManifest: true });
   if (await exists(join(dir, STATION_FILES.config)) || await exists(join(dir, STATION_FILES.journal))) {
     throw new HallmarkError('STATION_ALREADY_INITIALISED', `${dir} already holds a station; use another directory`);
   }

@@ -27,7 +27,7 @@ import { EXT, keyIdentifier } from '../../src/pki/extensions.js';
 import { encodeNameString } from '../../src/pki/names.js';
 import { decodeOne, encodePem } from '../../src/pki/pem.js';
 import { encodeCheckpoint, encodeHeader, encodeIssue, genesisHash } from '../../src/station/journal.js';
-import { deviceSubject, parseStationManifest } from '../../src/station/package.js';
+import { deviceSubject, parseStationManifest, stationManifestDigest } from '../../src/station/package.js';
 import { exportJournal, initStation, signCsrs } from '../../src/station/station.js';
 import type { Store } from '../../src/store/database.js';
 import { hasCode } from '../helpers/assertions.js';
@@ -89,7 +89,7 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
   });
 
   /** The root ceremony: `hallmark root sign` as station create prints it, unless told otherwise. */
-  const rootSign = async (s: CreatedStation, o: { permit?: string[] | null; pathLen?: number; notAfter?: Date | null } = {}): Promise<Buffer> => {
+  const rootSign = async (s: CreatedStation, o: { permit?: string[] | null; pathLen?: number; notAfter?: Date | null; manifest?: null } = {}): Promise<Buffer> => {
     const root = await OfflineRoot.open(rootDir, PASSPHRASE);
     try {
       const signed = await root.signIntermediate({
@@ -97,6 +97,7 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
         pathLen: o.pathLen ?? 0,
         ...(o.permit === null ? {} : { permittedDirectoryNames: o.permit ?? [s.deviceSubjectBase] }),
         ...(o.notAfter === null ? {} : { notAfter: o.notAfter ?? new Date(s.validUntil) }),
+        ...(o.manifest === null ? {} : { stationManifestSha256: stationManifestDigest(parseStationManifest(readFileSync(join(s.packageDir, STATION_PACKAGE_FILES.description)))) }),
       });
       return signed.der;
     } finally {
@@ -198,7 +199,9 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
     const before = await counts(store);
     // `hallmark ca install` is not a way around the station's checks.
     await assert.rejects(authority.installCa({ certificate: pem(await rootSign(a)), actor: ACTOR }), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /station install/.test(err.message));
-    await assert.rejects(install(a, await rootSign(a, { permit: null })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /no name constraints/.test(err.message));
+    await assert.rejects(install(a, await rootSign(a, { permit: null, manifest: null })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /no name constraints/.test(err.message));
+    // A ceremony that did not bind station.json (the root sign command run without --station-manifest).
+    await assert.rejects(install(a, await rootSign(a, { manifest: null })), (err: Error) => hasCode('STATION_PACKAGE_INVALID')(err) && /does not carry the digest of station\.json/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { permit: [`O=${ORG}, OU=thermostat`] })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /must permit exactly/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { pathLen: 1 })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /path length 0/.test(err.message));
     await assert.rejects(install(a, await rootSign(a, { notAfter: null })), (err: Error) => hasCode('CA_CERT_MISMATCH')(err) && /after the station's validUntil/.test(err.message));
@@ -217,6 +220,9 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
     const original = readFileSync(manifestPath, 'utf8');
     writeFileSync(manifestPath, original.replace('"line": "factory-a"', '"line": "factory-b"'));
     await assert.rejects(install(a, good), (err: Error) => hasCode('STATION_MISMATCH')(err) && /line "factory-b" \(recorded: "factory-a"\)/.test(err.message));
+    // ... or to raise its quota (HQ compares with its record; the station, which has none, with the digest).
+    writeFileSync(manifestPath, original.replace(/"quota": (\d+),/, (_m, q: string) => `"quota": ${Number(q) + 1},`));
+    await assert.rejects(install(a, good), (err: Error) => hasCode('STATION_MISMATCH')(err) && /quota 11 \(recorded: 10\)/.test(err.message));
     writeFileSync(manifestPath, original);
     assert.deepEqual(await counts(store), before, 'refused installs change nothing');
     assert.ok(!existsSync(join(a.packageDir, 'station.pem')));
@@ -397,11 +403,12 @@ forEachDialect('factory stations, online side', async (t, target: StoreTarget) =
     assert.deepEqual(await counts(store), before);
   });
 
-  await t.test('a journal of 1,200 devices imports in chunks; the quota cuts it at 1,100 (a package whose quota the factory raised)', async () => {
-    const s = await ready({ quota: 1100 });
-    // The factory raised its package's quota (station.json is not signed): the authority's quota still holds.
-    const manifestPath = join(s.packageDir, 'station.json');
-    writeFileSync(manifestPath, readFileSync(manifestPath, 'utf8').replace('"quota": 1100,', '"quota": 1200,'));
+  await t.test('a journal of 1,200 devices imports in chunks; the quota cuts it at 1,100 (a station that signed beyond the batch quota)', async () => {
+    const s = await ready({ quota: 1200 });
+    // The station cannot raise its own quota (station.json is bound to station.pem), but a station whose
+    // software was altered could sign beyond it: HQ's batch quota holds at import. Here the batch's quota
+    // at HQ is made 1,100 after the package was made for 1,200, which is the same thing seen from HQ.
+    await store.db.updateTable('batches').set({ quota: 1100 }).where('id', '=', s.batch).execute();
     const keys = Array.from({ length: 1200 }, () => newKey());
     const { journal } = await factory(s, keys);
     const r = await importJournal(authority, { journal, actor: ACTOR });

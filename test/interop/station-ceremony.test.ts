@@ -76,7 +76,7 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     const created = ok(['station', 'create', '--home', home, '--line', line, '--quota', String(quota), '--valid-until', new Date(Date.now() + 120 * DAY).toISOString(),
       '--key', `pkcs11:token=${token.token};object=station-${line}`, '--module', token.module, '--pin-file', pinFile, '--out', pkg, '--root-dir', rootDir]);
     const command = created.stdout.trim();
-    assert.match(command, /^hallmark root sign --root-dir \S+ --csr \S+station\.csr --path-len 0 --permit-dn '[^']+' --not-after \S+ --out \S+station\.pem$/);
+    assert.match(command, /^hallmark root sign --root-dir \S+ --csr \S+station\.csr --path-len 0 --permit-dn '[^']+' --not-after \S+ --station-manifest \S+station\.json --out \S+station\.pem$/);
     const ceremony = spawnSync('sh', ['-c', command], { encoding: 'utf8', env: { ...process.env, ...env, PATH: `${binDir}:${process.env.PATH}` } });
     assert.equal(ceremony.status, 0, ceremony.stderr);
     const manifest = JSON.parse(readFileSync(join(pkg, 'station.json'), 'utf8')) as { stationId: string; batch: string; deviceSubjectBase: string };
@@ -138,6 +138,9 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     assert.match(text, /X509v3 Basic Constraints: critical\s+CA:TRUE, pathlen:0/);
     assert.match(text, /X509v3 Name Constraints: critical\s+Permitted:\s+DirName:\s*O\s*=\s*Acme Devices, OU\s*=\s*thermostat, OU\s*=\s*batch b-[0-9a-f]+/);
     assert.match(openssl(['verify', '-x509_strict', '-CAfile', join(pkgA, 'chain.pem'), stationPem]), /OK/);
+    // The root signed off station.json with the certificate: its SHA-256, in Hallmark's own non-critical
+    // extension (openssl shows it by OID and still verifies the certificate).
+    assert.match(text, /2\.25\.319757526690763988780952622331811686205:/);
 
     // A package for another line, and another station's certificate, are refused by install.
     const pkgB = join(dir, 'pkg-b');
@@ -151,9 +154,29 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     assert.match(crossed.stderr, new RegExp(`for station ${b.id} \\(line factory-b\\)`));
     ok(['station', 'install', pkgB, '--home', home]);
 
+    // The ceremony refuses to bind a manifest to a certificate that says something else.
+    const mismatch = fails(['root', 'sign', '--root-dir', rootDir, '--csr', join(pkgA, 'station.csr'), '--path-len', '0', '--permit-dn', 'O=Acme Devices,OU=thermostat,OU=batch b-000000000000',
+      '--not-after', JSON.parse(readFileSync(join(pkgA, 'station.json'), 'utf8')).validUntil, '--station-manifest', join(pkgA, 'station.json'), '--out', join(dir, 'mismatch.pem')], 'BAD_REQUEST');
+    assert.match(mismatch.stderr, /--permit-dn must be exactly that/);
+    assert.ok(!existsSync(join(dir, 'mismatch.pem')));
+
+    // A factory that raises its quota in station.json is refused at init.
+    const manifestA = readFileSync(join(pkgA, 'station.json'), 'utf8');
+    assert.match(manifestA, /"quota": 5,/);
+    writeFileSync(join(pkgA, 'station.json'), manifestA.replace('"quota": 5,', '"quota": 500,'));
+    const raised = fails(station('init', [pkgA, '--dir', join(dir, 'station-a-raised')]), 'STATION_PACKAGE_INVALID');
+    assert.match(raised.stderr, /not the manifest the root signed off/);
+    assert.ok(!existsSync(join(dir, 'station-a-raised', 'journal.jsonl')), 'nothing set up');
+    writeFileSync(join(pkgA, 'station.json'), manifestA);
+
     // The factory: station init, sign openssl CSRs, export.
     const sdA = join(dir, 'station-a');
     ok(station('init', [pkgA, '--dir', sdA]));
+    // ... and after init: the installed copy raised, nothing is signed.
+    writeFileSync(join(sdA, 'station.json'), manifestA.replace('"quota": 5,', '"quota": 500,'));
+    fails(station('sign', ['--dir', sdA, '--csr-dir', csrs('csrs-a-raised', 1), '--out', join(dir, 'certs-raised')]), 'STATION_PACKAGE_INVALID');
+    assert.ok(!existsSync(join(dir, 'certs-raised')) || readdirSync(join(dir, 'certs-raised')).length === 0, 'no certificate');
+    writeFileSync(join(sdA, 'station.json'), manifestA);
     const certsA = join(dir, 'certs-a');
     ok(station('sign', ['--dir', sdA, '--csr-dir', csrs('csrs-a', 3), '--out', certsA]));
     const journalA = join(dir, 'journal-a-1.jsonl');
@@ -215,12 +238,14 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     assert.equal(a2.code, 0);
     assert.deepEqual(a2.report.imported.map((i) => i.seq), [4]);
 
-    // Factory B raised its package's quota from 1 to 3 before init (station.json is not signed): the station
-    // signs three, HQ imports one and reports the rest as beyond the quota.
-    writeFileSync(join(pkgB, 'station.json'), manifestB.replace('"quota": 1,', '"quota": 3,'));
+    // Factory B's quota is 1 (it cannot raise it: station.json is bound to station.pem, above): of three
+    // CSRs the station signs one and refuses two; HQ imports the one.
     const sdB = join(dir, 'station-b');
     ok(station('init', [pkgB, '--dir', sdB]));
-    ok(station('sign', ['--dir', sdB, '--csr-dir', csrs('csrs-b', 3), '--out', join(dir, 'certs-b')]));
+    const signedB = run(station('sign', ['--dir', sdB, '--csr-dir', csrs('csrs-b', 3), '--out', join(dir, 'certs-b')]));
+    assert.equal(signedB.code, 1, signedB.stderr);
+    assert.equal((signedB.stderr.match(/\[STATION_QUOTA_EXHAUSTED\]/g) ?? []).length, 2, signedB.stderr);
+    assert.equal(readdirSync(join(dir, 'certs-b')).filter((f) => f.endsWith('.pem')).length, 1);
     const journalB = join(dir, 'journal-b.jsonl');
     ok(station('export', ['--dir', sdB, '--out', journalB]));
     // A journal for another station than the one named.
@@ -229,12 +254,11 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
     const unknown = join(dir, 'journal-unknown.jsonl');
     writeFileSync(unknown, readFileSync(journalB, 'utf8').replace(`"stationId":"${b.id}"`, '"stationId":"station-000000000000"'));
     fails(['station', 'import', unknown, '--home', home], 'STATION_NOT_FOUND');
-    const over = importJson(journalB, ['--station', b.id]);
-    assert.equal(over.code, 1);
-    assert.deepEqual(over.report.imported.map((i) => i.seq), [1]);
-    assert.deepEqual(over.report.refused.map((p) => [p.seq, p.kind]), [[2, 'over-quota'], [3, 'over-quota']]);
+    const importedB = importJson(journalB, ['--station', b.id]);
+    assert.equal(importedB.code, 0, JSON.stringify(importedB.report.refused));
+    assert.deepEqual(importedB.report.imported.map((i) => i.seq), [1]);
     const batches = JSON.parse(ok(['batch', 'list', '--home', home, '--json']).stdout) as { id: string; quota: number; issued: number; refused: number }[];
-    assert.deepEqual(batches.filter((x) => x.id === b.batch).map((x) => [x.quota, x.issued, x.refused]), [[1, 1, 2]]);
+    assert.deepEqual(batches.filter((x) => x.id === b.batch).map((x) => [x.quota, x.issued, x.refused]), [[1, 1, 0]]);
 
     const list = JSON.parse(ok(['station', 'list', '--home', home, '--json']).stdout) as { id: string; status: string; imported: number; lastSeq: number; line: string }[];
     assert.deepEqual(list.filter((s) => s.id === a.id).map((s) => [s.status, s.line, s.imported, s.lastSeq]), [['active', 'factory-a', 4, 4]]);

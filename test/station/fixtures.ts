@@ -11,11 +11,11 @@ import { Pkcs11KeyBackend } from '../../src/keys/pkcs11-backend.js';
 import { keyAlgorithmOf, signingSchemeFor, type KeyAlgorithm } from '../../src/pki/algorithms.js';
 import { assembleCertificate, encodeTbsCertificate, parseCertificate } from '../../src/pki/certificate.js';
 import { createCsr } from '../../src/pki/csr.js';
-import { EXT, basicConstraints, extension, keyIdentifier } from '../../src/pki/extensions.js';
+import { EXT, basicConstraints, extension, keyIdentifier, stationManifestExtension } from '../../src/pki/extensions.js';
 import { ctx, seq } from '../../src/pki/der.js';
 import { encodeNameString } from '../../src/pki/names.js';
 import { encodePem } from '../../src/pki/pem.js';
-import { writeStationPackage, type StationManifest } from '../../src/station/package.js';
+import { stationManifestDigest, writeStationPackage, type StationManifest } from '../../src/station/package.js';
 import { createSoftHsmToken, type SoftHsmToken } from '../helpers/softhsm.js';
 
 export const BASE = 'O=Acme Devices,OU=thermostat,OU=batch b-0001';
@@ -77,6 +77,8 @@ export interface StationCertOptions {
   /** 'critical' (default), 'none', 'non-critical', or other DNs to permit instead. */
   readonly constraints?: 'critical' | 'none' | 'non-critical' | readonly string[];
   readonly ca?: boolean;
+  /** The station manifest digest bound into the certificate (as the root ceremony does); null or absent: none. */
+  readonly manifestDigest?: Buffer | null;
 }
 
 export function makeStationCertificate(o: StationCertOptions): Buffer {
@@ -88,7 +90,9 @@ export function makeStationCertificate(o: StationCertOptions): Buffer {
   let extensions = extensionsFor(PROFILES.intermediate, {
     subjectPublicKeyInfo: spki, subjectKeyKind: kind, issuerKeyId: keyIdentifier(o.issuer.spki), pathLen: o.pathLen === null ? undefined : (o.pathLen ?? 0),
     permittedDirectoryNames: constraints === 'none' ? [] : names,
+    ...(o.manifestDigest && constraints !== 'none' ? { stationManifestSha256: o.manifestDigest } : {}),
   });
+  if (o.manifestDigest && constraints === 'none') extensions.push(stationManifestExtension(o.manifestDigest));
   if (constraints === 'non-critical') {
     extensions = extensions.map((e) => (e.includes(Buffer.from([0x06, 0x03, 0x55, 0x1d, 0x1e])) ? extension(EXT.nameConstraints, false, seq(ctx(0, Buffer.concat(names.map((n) => seq(ctx(4, n))))))) : e));
   }
@@ -112,7 +116,8 @@ export function manifest(overrides: Partial<Record<keyof StationManifest, unknow
 export async function makePackage(dir: string, o: { stationSpki: Buffer; root?: TestCa; manifest?: Partial<Record<keyof StationManifest, unknown>>; cert?: Partial<StationCertOptions>; chain?: Buffer[] }): Promise<{ dir: string; root: TestCa; certificate: Buffer; manifest: StationManifest }> {
   const root = o.root ?? makeRoot();
   const m = manifest(o.manifest);
-  const certificate = makeStationCertificate({ issuer: root, stationSpki: o.stationSpki, base: m.deviceSubjectBase, notAfter: new Date(m.validUntil), ...o.cert });
+  // Bound to its manifest, as the root ceremony binds a package made by `hallmark station create`.
+  const certificate = makeStationCertificate({ issuer: root, stationSpki: o.stationSpki, base: m.deviceSubjectBase, notAfter: new Date(m.validUntil), manifestDigest: stationManifestDigest(m), ...o.cert });
   await writeStationPackage(dir, { manifest: m, certificate, chain: o.chain ?? [root.der] });
   return { dir, root, certificate, manifest: m };
 }

@@ -3,6 +3,7 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { HallmarkError } from '../../src/errors.js';
+import { decodeStationManifestDigest, stationManifestExtension } from '../../src/pki/extensions.js';
 import { encodeNameString } from '../../src/pki/names.js';
 import {
   PACKAGE_LIMITS, checkStationPackage, deviceSubject, parseStationManifest, readStationPackage, serializeManifest,
@@ -164,5 +165,35 @@ describe('station package', () => {
     const pkg = checkStationPackage({ manifest: serializeManifest(m), certificate: pemOf(certificate), chain: pemOf(root.der) });
     assert.ok(pkg.certificate.der.equals(certificate));
     assert.throws(() => checkStationPackage({ manifest: m, certificate: pemOf(certificate), chain: pemOf(root.der) + '-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n' }), code('STATION_PACKAGE_INVALID', /PRIVATE KEY, not a CERTIFICATE/));
+  });
+
+  test('station.json bound to station.pem by the root: a raised quota, a later validUntil or another device list is refused', async (t) => {
+    const dir = await tempDirFor(t);
+    const made = await makePackage(dir, { stationSpki: station.spki });
+    assert.equal((await readStationPackage(dir, { requireBoundManifest: true })).manifestBound, true);
+    const text = await readFile(join(dir, 'station.json'), 'utf8');
+    // Reformatting changes nothing (the digest is over the one serialised form).
+    await writeFile(join(dir, 'station.json'), JSON.stringify(JSON.parse(text)));
+    assert.equal((await readStationPackage(dir)).manifestBound, true);
+    for (const edit of [{ quota: 11 }, { validUntil: new Date(new Date(made.manifest.validUntil).getTime() - 86_400_000).toISOString() }, { devices: [{ udid: 'ab'.repeat(32), serialNumber: null, publicKeySha256: 'cd'.repeat(32) }] }]) {
+      await writeFile(join(dir, 'station.json'), serializeManifest({ ...made.manifest, ...edit } as typeof made.manifest));
+      await assert.rejects(readStationPackage(dir), code('STATION_PACKAGE_INVALID', /not the manifest the root signed off/), JSON.stringify(edit));
+    }
+  });
+
+  test('a package made before the binding: accepted where it was (an installed station), refused where a package is installed', async (t) => {
+    const dir = await tempDirFor(t);
+    await makePackage(dir, { stationSpki: station.spki, cert: { manifestDigest: null } });
+    assert.equal((await readStationPackage(dir)).manifestBound, false);
+    await assert.rejects(readStationPackage(dir, { requireBoundManifest: true }), code('STATION_PACKAGE_INVALID', /does not carry the digest of station\.json/));
+  });
+
+  test('a certificate bound to another manifest is refused; a digest of the wrong length cannot be made or read', () => {
+    const root = makeRoot();
+    const m = manifest();
+    const certificate = makeStationCertificate({ issuer: root, stationSpki: station.spki, notAfter: new Date(m.validUntil), manifestDigest: Buffer.alloc(32) });
+    assert.throws(() => checkStationPackage({ manifest: m, certificate: pemOf(certificate), chain: pemOf(root.der) }), code('STATION_PACKAGE_INVALID', /not the manifest the root signed off/));
+    assert.throws(() => stationManifestExtension(Buffer.alloc(31)), code('BAD_REQUEST'));
+    assert.throws(() => decodeStationManifestDigest(Buffer.from([0x04, 0x1f, ...Buffer.alloc(31)])), code('BAD_DER', /31 bytes, not 32/));
   });
 });

@@ -5,7 +5,10 @@ import { resolveHome } from '../../authority/home.js';
 import { OfflineRoot, parseValidity } from '../../authority/offline-root.js';
 import { parseRevocationReason } from '../../authority/revocation.js';
 import { installRootCrl, installRootRollover } from '../../authority/root-rollover.js';
+import { FileOverLimit, readFileWithin } from '../../files.js';
+import { encodeNameString, nameToString } from '../../pki/names.js';
 import { encodePem } from '../../pki/pem.js';
+import { PACKAGE_LIMITS, encodeSubjectBase, parseStationManifest, stationManifestDigest, type StationManifest } from '../../station/package.js';
 import { withAuthority, withStoreOnly } from '../context.js';
 import { UsageError, actor, info, intOption, list, out, readPassphrase, required, str, type Command } from '../io.js';
 
@@ -13,18 +16,21 @@ export const rootSignCommand: Command = {
   name: 'root sign',
   summary: 'offline side of the ceremony: sign an intermediate CA request with the root key',
   usage: `Usage: hallmark root sign --root-dir DIR --csr FILE [--path-len 0] [--days N | --not-after DATE]
-                         [--permit-dns DOMAIN]... [--permit-dn DN]... [--out FILE]
+                         [--permit-dns DOMAIN]... [--permit-dn DN]... [--station-manifest FILE] [--out FILE]
 
 Needs only the root directory (and its passphrase: --passphrase-file, HALLMARK_ROOT_PASSPHRASE or
 HALLMARK_PASSPHRASE). The certificate is appended to the root's journal (issued.jsonl) before it is
 written. --permit-dns and --permit-dn add critical name constraints: permitted DNS subtrees, and
 permitted directory names ("O=Acme, OU=thermostat, OU=batch b-1234": every certificate below the new CA
 must have a subject under that DN — a factory station's sub-CA). --not-after cuts the validity at DATE
-(ISO 8601, e.g. 2026-06-30T00:00:00Z), instead of --days. hallmark station create prints the whole
-command for a station.`,
+(ISO 8601, e.g. 2026-06-30T00:00:00Z), instead of --days. --station-manifest binds a factory
+station's package (its station.json: batch, quota, validity, device list) into the certificate, so
+that the station and HQ refuse an edited copy; its batch subject and validity must match --permit-dn
+and --not-after. hallmark station create prints the whole command for a station.`,
   options: {
     'root-dir': { type: 'string' }, csr: { type: 'string' }, 'path-len': { type: 'string' }, days: { type: 'string' }, 'permit-dns': { type: 'string', multiple: true },
     'permit-dn': { type: 'string', multiple: true }, 'not-after': { type: 'string' }, out: { type: 'string' }, 'passphrase-file': { type: 'string' },
+    'station-manifest': { type: 'string' },
   },
   async run(args) {
     const rootDir = required(args, 'root-dir', this.usage);
@@ -34,12 +40,16 @@ command for a station.`,
     if (notAfter && str(args, 'days') !== undefined) throw new UsageError(`give --days or --not-after, not both\n\n${this.usage}`);
     let csr: Buffer;
     try { csr = await readFile(csrFile); } catch { throw new HallmarkError('BAD_REQUEST', `cannot read ${csrFile}`); }
+    const manifestFile = str(args, 'station-manifest');
+    const station = manifestFile === undefined ? undefined : await stationManifestForCeremony(manifestFile, list(args, 'permit-dn'), notAfter);
+    if (station) info(`Station ${station.manifest.stationId}: batch ${station.manifest.batch} of ${station.manifest.product} on line ${station.manifest.line}, quota ${station.manifest.quota}, valid until ${station.manifest.validUntil}, ${station.manifest.devices ? `${station.manifest.devices.length} registered devices` : 'any device key'}`);
     const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
     const root = await OfflineRoot.open(rootDir, passphrase);
     try {
       const signed = await root.signIntermediate({
         csr, pathLen: intOption(args, 'path-len') ?? 0, validityDays: intOption(args, 'days'), notAfter,
         permittedDns: list(args, 'permit-dns'), permittedDirectoryNames: list(args, 'permit-dn'),
+        stationManifestSha256: station?.digest,
       });
       const pem = encodePem('CERTIFICATE', signed.der);
       const target = str(args, 'out');
@@ -51,6 +61,27 @@ command for a station.`,
     }
   },
 };
+
+/**
+ * A station package's manifest for the ceremony: checked in full, and consistent with what the root is
+ * asked to sign (the subject base it permits, the validity it cuts at), so the operator vouches for the
+ * package they were shown.
+ */
+async function stationManifestForCeremony(file: string, permittedDirectoryNames: readonly string[], notAfter: Date | undefined): Promise<{ manifest: StationManifest; digest: Buffer }> {
+  let bytes: Buffer;
+  try { bytes = await readFileWithin(file, PACKAGE_LIMITS.manifestBytes); } catch (err) {
+    throw new HallmarkError('BAD_REQUEST', err instanceof FileOverLimit ? `${file} is over the ${PACKAGE_LIMITS.manifestBytes}-byte limit of a station manifest` : `cannot read ${file}`);
+  }
+  const manifest = parseStationManifest(bytes);
+  const base = nameToString(encodeSubjectBase(manifest.deviceSubjectBase));
+  if (permittedDirectoryNames.length !== 1 || nameToString(encodeNameString(permittedDirectoryNames[0]!)) !== base) {
+    throw new HallmarkError('BAD_REQUEST', `the station manifest's device subject is ${base}: --permit-dn must be exactly that`);
+  }
+  if (!notAfter || notAfter.getTime() !== new Date(manifest.validUntil).getTime()) {
+    throw new HallmarkError('BAD_REQUEST', `the station manifest is valid until ${manifest.validUntil}: --not-after must be exactly that`);
+  }
+  return { manifest, digest: stationManifestDigest(manifest) };
+}
 
 /** An ISO 8601 date or date-time option ("2026-06-30" is midnight UTC). */
 function parseDateOption(name: string, text: string): Date {
