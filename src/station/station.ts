@@ -70,6 +70,8 @@ export interface StationStatus {
   readonly expired: boolean;
   /** null: any device key; else how many devices the package lists. */
   readonly registeredDevices: number | null;
+  /** Whether station.pem carries (and matches) the digest of station.json: false only for packages made before the binding. */
+  readonly manifestBound: boolean;
   readonly lastCheckpoint: { readonly seq: number; readonly at: string } | null;
   /** Issuances after the last checkpoint (export signs them). */
   readonly unsigned: number;
@@ -617,7 +619,7 @@ function statusOf(dir: string, pkg: StationPackage, config: StationConfig, s: { 
   return {
     dir, stationId: m.stationId, line: m.line, product: m.product, batch: m.batch, org: m.org, quota: m.quota,
     issued: s.lastSeq, left: Math.max(0, m.quota - s.lastSeq), validUntil: m.validUntil, signsUntil: pkg.signsUntil.toISOString(),
-    expired: pkg.signsUntil <= new Date(), registeredDevices: m.devices ? m.devices.length : null,
+    expired: pkg.signsUntil <= new Date(), registeredDevices: m.devices ? m.devices.length : null, manifestBound: pkg.manifestBound,
     lastCheckpoint: s.lastCheckpoint, unsigned: s.sinceCheckpoint, journalBytes: s.bytes, keyUri: config.keyUri, module: config.module,
   };
 }

@@ -159,6 +159,8 @@ describe('factory station with SoftHSM2 through the CLI', { skip }, () => {
     assert.equal(status.issued, 8);
     assert.equal(status.left, 0);
     assert.equal(status.unsigned, 0);
+    assert.equal(status.manifestBound, true);
+    assert.match(ok(['station', 'status', '--dir', station]).stdout, /package: +station\.json signed off by the root/);
 
     const journal = join(dir, 'a-journal.jsonl');
     const exp = ok(['station', 'export', '--dir', station, '--out', journal]);

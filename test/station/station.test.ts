@@ -156,6 +156,7 @@ describe('offline station (SoftHSM2)', { skip }, () => {
     assert.equal(status.issued, 6);
     assert.equal(status.left, 0);
     assert.equal(status.unsigned, 0, 'each run ends with a checkpoint');
+    assert.equal(status.manifestBound, true);
 
     const v = await verifyJournal(join(dir, 'journal.jsonl'), { stationCertificate: stationCert.der, trustedRoots: [root.der] });
     assert.deepEqual(v.problems, []);

@@ -39,6 +39,7 @@ function describe(s: StationStatus): string {
   quota:        ${s.quota} devices: ${s.issued} signed, ${s.left} left${s.left === 0 ? '  (QUOTA USED UP)' : ''}
   valid until:  ${s.validUntil}${s.signsUntil !== new Date(s.validUntil).toISOString() ? ` (station certificate ends ${s.signsUntil})` : ''}${s.expired ? '  (EXPIRED: signs nothing more)' : ''}
   devices:      ${devices}
+  package:      ${s.manifestBound ? 'station.json signed off by the root (its digest is in station.pem)' : 'station.json NOT bound to station.pem (a package made before Hallmark bound them: ask HQ for a new one)'}
   journal:      ${s.journalBytes} bytes; ${checkpoint}; ${s.unsigned} issuance(s) after it${s.unsigned ? ' (hallmark station export signs them)' : ''}
   token key:    ${s.keyUri}
   module:       ${s.module}`;
