@@ -596,7 +596,11 @@ export interface StampStatus {
   readonly flashed: number;
   /** Stamped devices that have since obtained another certificate themselves (EST re-enrolment). */
   readonly enrolled: number;
-  readonly runs: { readonly id: string; readonly status: string; readonly requested: number; readonly outDir: string; readonly createdAt: string; readonly completedAt: string | null }[];
+  readonly runs: {
+    readonly id: string; readonly status: string; readonly requested: number; readonly outDir: string; readonly createdAt: string; readonly completedAt: string | null;
+    /** An unfinished run: the process making it now (host and pid) and its last chunk; null when none is (interrupted: run the command again). */
+    readonly madeBy: { readonly host: string; readonly pid: number; readonly lastChunkAt: string | null } | null;
+  }[];
 }
 
 export async function stampStatus(authority: Authority, batchId: string): Promise<StampStatus> {
@@ -607,10 +611,14 @@ export async function stampStatus(authority: Authority, batchId: string): Promis
   const enrolled = await db.selectFrom('stamps as s').innerJoin('certificates as c', 'c.device_udid', 's.udid')
     .select((eb) => eb.fn.count<number>('s.udid').distinct().as('n'))
     .where('s.batch_id', '=', batchId).whereRef('c.serial', '<>', 's.certificate_serial').executeTakeFirstOrThrow();
-  const runs = await db.selectFrom('stamp_runs').select(['id', 'status', 'requested', 'out_dir', 'created_at', 'completed_at']).where('batch_id', '=', batchId).orderBy('created_at').execute();
+  const runs = await db.selectFrom('stamp_runs').select(['id', 'status', 'requested', 'out_dir', 'created_at', 'completed_at', 'owner', 'heartbeat_at']).where('batch_id', '=', batchId).orderBy('created_at').execute();
   return {
     batch: batchId, quota: ctx.quota, issued: ctx.issuedCount, stamped: Number(counts.stamped), written: Number(counts.written), flashed: Number(counts.flashed), enrolled: Number(enrolled.n),
-    runs: runs.map((r) => ({ id: r.id, status: r.status, requested: Number(r.requested), outDir: r.out_dir, createdAt: r.created_at, completedAt: r.completed_at })),
+    runs: runs.map((r) => {
+      const alive = r.status === 'running' && ownerAlive(r.owner, r.heartbeat_at);
+      const [host, pid] = (r.owner ?? '').split(' ');
+      return { id: r.id, status: r.status, requested: Number(r.requested), outDir: r.out_dir, createdAt: r.created_at, completedAt: r.completed_at, madeBy: alive ? { host: host!, pid: Number(pid), lastChunkAt: r.heartbeat_at } : null };
+    }),
   };
 }
 

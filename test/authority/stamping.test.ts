@@ -301,12 +301,15 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       assert.equal(run.owner, null, 'a failed invocation gives its run back');
       const setOwner = (owner: string, heartbeatAt: string) => db.updateTable('stamp_runs').set({ owner, heartbeat_at: heartbeatAt }).where('id', '=', run.id).execute();
       const now = new Date().toISOString();
+      assert.equal((await stampStatus(authority, batch)).runs[0]!.madeBy, null, 'interrupted: nobody is making it');
       await setOwner(`another-host.example 4242 abcdef`, now);
+      assert.deepEqual((await stampStatus(authority, batch)).runs[0]!.madeBy, { host: 'another-host.example', pid: 4242, lastChunkAt: now });
       await assert.rejects(generateStamps(authority, options), (err: Error) => hasCode('STAMP_RUN_BUSY')(err) && /pid 4242 on another-host\.example/.test(err.message));
       await setOwner(`${hostname()} ${process.pid} abcdef`, now);
       await assert.rejects(generateStamps(authority, options), hasCode('STAMP_RUN_BUSY'));
       const exited = spawnSync(process.execPath, ['-e', '0']).pid!;
       await setOwner(`${hostname()} ${exited} abcdef`, now);
+      assert.equal((await stampStatus(authority, batch)).runs[0]!.madeBy, null, 'its process is gone');
       const report = await generateStamps(authority, options);
       assert.equal(report.resumed, true);
       assert.equal(report.rewritten + report.generated, 40);

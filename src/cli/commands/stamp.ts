@@ -126,7 +126,8 @@ export const stampStatusCommand: Command = {
       if (flag(args, 'json')) { out(JSON.stringify(s, null, 2)); return 0; }
       out(`Batch ${s.batch}: quota ${s.quota}, identities issued ${s.issued}`);
       out(`  stamped ${s.stamped}, written ${s.written}, flashed ${s.flashed}, enrolled ${s.enrolled}`);
-      if (s.runs.length) out(table(['RUN', 'STATUS', 'STAMPS', 'OUT', 'STARTED'], s.runs.map((r) => [r.id, r.status, String(r.requested), r.outDir, r.createdAt])));
+      const state = (r: (typeof s.runs)[number]): string => r.status !== 'running' ? r.status : r.madeBy ? `running (pid ${r.madeBy.pid} on ${r.madeBy.host})` : 'interrupted (run the same command again)';
+      if (s.runs.length) out(table(['RUN', 'STATUS', 'STAMPS', 'OUT', 'STARTED'], s.runs.map((r) => [r.id, state(r), String(r.requested), r.outDir, r.createdAt])));
       return 0;
     });
   },
