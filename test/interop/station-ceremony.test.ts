@@ -159,6 +159,12 @@ describe('offline factory station: the whole ceremony through the CLI (SoftHSM2,
       '--not-after', JSON.parse(readFileSync(join(pkgA, 'station.json'), 'utf8')).validUntil, '--station-manifest', join(pkgA, 'station.json'), '--out', join(dir, 'mismatch.pem')], 'BAD_REQUEST');
     assert.match(mismatch.stderr, /--permit-dn must be exactly that/);
     assert.ok(!existsSync(join(dir, 'mismatch.pem')));
+    // ... or to bind station B's manifest to station A's request.
+    const manifestOfB = JSON.parse(readFileSync(join(pkgB, 'station.json'), 'utf8')) as { deviceSubjectBase: string; validUntil: string };
+    const crossedManifest = fails(['root', 'sign', '--root-dir', rootDir, '--csr', join(pkgA, 'station.csr'), '--path-len', '0', '--permit-dn', manifestOfB.deviceSubjectBase,
+      '--not-after', manifestOfB.validUntil, '--station-manifest', join(pkgB, 'station.json'), '--out', join(dir, 'mismatch.pem')], 'BAD_REQUEST');
+    assert.match(crossedManifest.stderr, /come from different packages/);
+    assert.ok(!existsSync(join(dir, 'mismatch.pem')));
 
     // A factory that raises its quota in station.json is refused at init.
     const manifestA = readFileSync(join(pkgA, 'station.json'), 'utf8');

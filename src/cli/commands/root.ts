@@ -6,8 +6,9 @@ import { OfflineRoot, parseValidity } from '../../authority/offline-root.js';
 import { parseRevocationReason } from '../../authority/revocation.js';
 import { installRootCrl, installRootRollover } from '../../authority/root-rollover.js';
 import { FileOverLimit, readFileWithin } from '../../files.js';
-import { encodeNameString, nameToString } from '../../pki/names.js';
-import { encodePem } from '../../pki/pem.js';
+import { parseCsr } from '../../pki/csr.js';
+import { decodeName, encodeNameString, nameToString } from '../../pki/names.js';
+import { SIZE_LIMITS, decodeOne, encodePem } from '../../pki/pem.js';
 import { PACKAGE_LIMITS, encodeSubjectBase, parseStationManifest, stationManifestDigest, type StationManifest } from '../../station/package.js';
 import { withAuthority, withStoreOnly } from '../context.js';
 import { UsageError, actor, info, intOption, list, out, readPassphrase, required, str, type Command } from '../io.js';
@@ -41,7 +42,7 @@ and --not-after. hallmark station create prints the whole command for a station.
     let csr: Buffer;
     try { csr = await readFile(csrFile); } catch { throw new HallmarkError('BAD_REQUEST', `cannot read ${csrFile}`); }
     const manifestFile = str(args, 'station-manifest');
-    const station = manifestFile === undefined ? undefined : await stationManifestForCeremony(manifestFile, list(args, 'permit-dn'), notAfter);
+    const station = manifestFile === undefined ? undefined : await stationManifestForCeremony(manifestFile, csr, list(args, 'permit-dn'), notAfter);
     if (station) info(`Station ${station.manifest.stationId}: batch ${station.manifest.batch} of ${station.manifest.product} on line ${station.manifest.line}, quota ${station.manifest.quota}, valid until ${station.manifest.validUntil}, ${station.manifest.devices ? `${station.manifest.devices.length} registered devices` : 'any device key'}`);
     const passphrase = await readPassphrase(args, { envVar: 'HALLMARK_ROOT_PASSPHRASE', prompt: 'Root passphrase: ' });
     const root = await OfflineRoot.open(rootDir, passphrase);
@@ -67,7 +68,7 @@ and --not-after. hallmark station create prints the whole command for a station.
  * asked to sign (the subject base it permits, the validity it cuts at), so the operator vouches for the
  * package they were shown.
  */
-async function stationManifestForCeremony(file: string, permittedDirectoryNames: readonly string[], notAfter: Date | undefined): Promise<{ manifest: StationManifest; digest: Buffer }> {
+async function stationManifestForCeremony(file: string, csr: Buffer, permittedDirectoryNames: readonly string[], notAfter: Date | undefined): Promise<{ manifest: StationManifest; digest: Buffer }> {
   let bytes: Buffer;
   try { bytes = await readFileWithin(file, PACKAGE_LIMITS.manifestBytes); } catch (err) {
     throw new HallmarkError('BAD_REQUEST', err instanceof FileOverLimit ? `${file} is over the ${PACKAGE_LIMITS.manifestBytes}-byte limit of a station manifest` : `cannot read ${file}`);
@@ -79,6 +80,11 @@ async function stationManifestForCeremony(file: string, permittedDirectoryNames:
   }
   if (!notAfter || notAfter.getTime() !== new Date(manifest.validUntil).getTime()) {
     throw new HallmarkError('BAD_REQUEST', `the station manifest is valid until ${manifest.validUntil}: --not-after must be exactly that`);
+  }
+  // station create names the station's CA `CN=<org> <stationId>`: a manifest of another station's package is refused.
+  const cn = decodeName(parseCsr(decodeOne(csr, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST'], SIZE_LIMITS.csr)).subject).find((a) => a.type === 'CN')?.value ?? '';
+  if (!cn.endsWith(` ${manifest.stationId}`)) {
+    throw new HallmarkError('BAD_REQUEST', `the request is for ${JSON.stringify(cn)}, not station ${manifest.stationId} of this manifest: the CSR and station.json come from different packages`);
   }
   return { manifest, digest: stationManifestDigest(manifest) };
 }
