@@ -295,7 +295,7 @@ async function openRun(authority: Authority, ctx: StampContext, options: StampGe
         throw new HallmarkError('STAMP_RUN_BUSY', `stamp run ${existing.id} of batch ${ctx.batchId} is being made by another process (pid ${pid} on ${host}, last chunk ${existing.heartbeat_at ?? 'not yet'}): wait for it to finish, or stop it and run the same command again`);
       }
       await trx.updateTable('stamp_runs').set({ owner, heartbeat_at: now }).where('id', '=', existing.id).execute();
-      await appendAudit(trx, [{ actor: options.actor, action: 'stamp.resume', target: existing.id, details: { batch: ctx.batchId } }]);
+      await appendAudit(trx, [{ actor: options.actor, action: 'stamp.resume', target: existing.id, details: { batch: ctx.batchId, ...(existing.owner ? { takenOverFrom: existing.owner.split(' ').slice(0, 2).join(' ') } : {}) } }]);
       const { owner: _owner, heartbeat_at: _heartbeat, ...run } = existing;
       return { run: { ...run, requested: Number(existing.requested) }, resumed: true };
     }

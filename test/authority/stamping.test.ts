@@ -313,6 +313,8 @@ forEachDialect('stamp generation', async (t: TestContext, target: StoreTarget) =
       const report = await generateStamps(authority, options);
       assert.equal(report.resumed, true);
       assert.equal(report.rewritten + report.generated, 40);
+      const resumed = await db.selectFrom('audit_log').select('details').where('action', '=', 'stamp.resume').where('target', '=', run.id).orderBy('seq', 'desc').executeTakeFirstOrThrow();
+      assert.equal(JSON.parse(resumed.details).takenOverFrom, `${hostname()} ${exited}`);
     });
 
     await t.test('another host that has not committed a chunk for over ten minutes no longer holds the run', async () => {
